@@ -1,0 +1,50 @@
+"""The Source protocol: random access to the bytes of one blob, wherever it lives."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from fusefs.spec import LayerSpec
+
+
+class BlobSource(Protocol):
+    """Reads byte ranges of one immutable blob (registry over HTTP, IPFS, a local file).
+
+    Implementations retry transient failures themselves and raise only ``fusefs.errors``
+    exceptions. They never verify content: digests are checked by the caller, which knows
+    what each range must hash to.
+    """
+
+    @property
+    def digest(self) -> str:
+        """The blob digest (``sha256:<hex>``)."""
+        ...
+
+    async def size(self) -> int:
+        """The blob size in bytes (from the spec, or asked of the source once and remembered)."""
+        ...
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Return the bytes of each ``(offset, length)`` range, in order.
+
+        Ranges may be coalesced or sent as one multi-range request; each result has exactly
+        ``length`` bytes or the call raises (a short read is a ``SourceError``).
+        """
+        ...
+
+    async def check(self) -> None:
+        """Raise ``SourceError`` if the blob can no longer be reached (cheap: a HEAD or less)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+class SourceFactory(Protocol):
+    """Opens a BlobSource for the layer a LayerSpec describes."""
+
+    async def open(self, spec: LayerSpec) -> BlobSource:
+        """Return a source for ``spec.digest`` (registry, mirror or URL), without reading it yet."""
+        ...
