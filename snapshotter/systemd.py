@@ -1,0 +1,454 @@
+"""systemd integration: readiness notification, the watchdog and socket activation.
+
+Everything here speaks systemd's documented wire protocols directly (no libsystemd):
+
+- ``sd_notify``: one datagram of ``KEY=VALUE`` lines sent to the unix socket named by
+  ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace).
+- Socket activation: systemd passes listening sockets as fds 3, 4, ... and describes them in
+  ``$LISTEN_PID``, ``$LISTEN_FDS`` and ``$LISTEN_FDNAMES``.
+
+grpcio cannot serve on a socket it did not bind: ``add_insecure_port("unix:PATH")`` unlinks
+whatever is at PATH and binds a new socket, which would orphan the one systemd holds and break
+activation on the next restart, and grpcio exposes no "serve this fd" call. So
+:func:`bind_grpc_server` binds gRPC to a private socket (a fresh 0700 directory) and a small
+bridge accepts connections on the inherited listener and splices each one to it. The Snapshots
+API carries small messages, so the extra copy costs little; peer credentials seen by gRPC are the
+daemon's own.
+
+How the daemon uses this module (all calls from the main thread, before and after serving)::
+
+    listener = pick_listener(listen_fds_with_names(), args.address)   # None when not activated
+    server = grpc.server(executor)
+    ...add servicers...
+    endpoint = bind_grpc_server(server, args.address, listener=listener)
+    server.start()
+    notify_ready("serving on " + args.address)
+    ... run; ping notify_watchdog() every watchdog_interval() / 2 seconds if that is not None ...
+    notify_stopping()
+    server.stop(grace).wait()
+    endpoint.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import selectors
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import grpc
+
+__all__ = [
+    "DEFAULT_FD_NAME",
+    "ActivatedSocket",
+    "GrpcEndpoint",
+    "bind_grpc_server",
+    "listen_fds",
+    "listen_fds_with_names",
+    "notify",
+    "notify_ready",
+    "notify_status",
+    "notify_stopping",
+    "notify_watchdog",
+    "pick_listener",
+    "watchdog_interval",
+]
+
+log = logging.getLogger(__name__)
+
+LISTEN_FDS_START: Final = 3
+"""First fd systemd passes (SD_LISTEN_FDS_START)."""
+DEFAULT_FD_NAME: Final = "lazysnap-grpc"
+"""``FileDescriptorName=`` of the gRPC socket in ``systemd/lazysnap.socket``."""
+MAX_LISTEN_FDS: Final = 64
+"""More inherited fds than this is a misconfiguration, not something to loop over."""
+MAX_BRIDGED_CONNECTIONS: Final = 256
+"""Concurrent client connections the activation bridge serves; more are refused."""
+_COPY_BUFFER: Final = 64 * 1024
+_MAX_NOTIFY_BYTES: Final = 4096
+
+
+# --- sd_notify -------------------------------------------------------------------------------
+
+
+def _notify_address(value: str) -> str | bytes | None:
+    if value.startswith("@"):
+        return b"\0" + value[1:].encode()
+    if value.startswith("/"):
+        return value
+    # vsock: and other schemes of newer systemd versions are not supported.
+    log.warning("ignoring NOTIFY_SOCKET=%r: only paths and @abstract names are supported", value)
+    return None
+
+
+def notify(state: str) -> bool:
+    """Send ``state`` (newline-separated ``KEY=VALUE`` lines) to systemd's notification socket.
+
+    Returns False when ``$NOTIFY_SOCKET`` is unset (not started by systemd with ``Type=notify``)
+    or the message could not be sent; a failure is logged, never raised, because losing a
+    status update must not stop the daemon. Never blocks: a full receive queue is a failure.
+    Any thread may call it.
+
+    Raises:
+        ValueError: ``state`` is empty, too long or contains a NUL byte.
+    """
+    if not state or "\0" in state or len(state.encode()) > _MAX_NOTIFY_BYTES:
+        raise ValueError(f"invalid sd_notify state {state[:64]!r}")
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    address = _notify_address(target)
+    if address is None:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), socket.MSG_DONTWAIT, address)
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", target, exc)
+        return False
+    return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def notify_ready(status: str | None = None) -> bool:
+    """Tell systemd the daemon is up (``READY=1``): call once the gRPC socket serves."""
+    state = "READY=1"
+    if status:
+        state += "\nSTATUS=" + _one_line(status)
+    return notify(state)
+
+
+def notify_stopping(status: str | None = None) -> bool:
+    """Tell systemd a clean shutdown has begun (``STOPPING=1``)."""
+    state = "STOPPING=1"
+    if status:
+        state += "\nSTATUS=" + _one_line(status)
+    return notify(state)
+
+
+def notify_status(text: str) -> bool:
+    """Set the one-line status ``systemctl status`` shows."""
+    return notify("STATUS=" + _one_line(text))
+
+
+def notify_watchdog() -> bool:
+    """Ping the service watchdog (``WATCHDOG=1``); harmless when no watchdog is configured."""
+    return notify("WATCHDOG=1")
+
+
+def watchdog_interval() -> float | None:
+    """The watchdog timeout in seconds (``$WATCHDOG_USEC``) if it applies to this process.
+
+    The daemon should call :func:`notify_watchdog` at about half this interval from a task that
+    only runs when the event loop is healthy. None when ``WatchdogSec=`` is not set.
+    """
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid is not None and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 1_000_000 if usec > 0 else None
+
+
+# --- socket activation -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ActivatedSocket:
+    """A socket systemd passed us, with its ``FileDescriptorName=`` (``unknown`` if unnamed)."""
+
+    name: str
+    sock: socket.socket
+
+
+def _unset_listen_environment() -> None:
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+
+
+def listen_fds_with_names(*, unset_environment: bool = True) -> list[ActivatedSocket]:
+    """Take over the sockets systemd passed to this process (socket activation).
+
+    Follows ``sd_listen_fds_with_names``: only when ``$LISTEN_PID`` is our pid, ``$LISTEN_FDS``
+    fds from 3 on, named by ``$LISTEN_FDNAMES``. Each fd is marked close-on-exec so helpers we
+    spawn don't hold the listener. Fds that are not sockets are skipped with a warning. With
+    ``unset_environment`` (the default) the variables are removed so children and a second call
+    see nothing. Call once, from the main thread, early at startup.
+    """
+    pid_text = os.environ.get("LISTEN_PID", "")
+    count_text = os.environ.get("LISTEN_FDS", "")
+    names_text = os.environ.get("LISTEN_FDNAMES")
+    if unset_environment:
+        _unset_listen_environment()
+    if not pid_text or pid_text != str(os.getpid()):
+        return []
+    try:
+        count = int(count_text)
+    except ValueError:
+        log.warning("ignoring LISTEN_FDS=%r: not a number", count_text)
+        return []
+    if count <= 0:
+        return []
+    if count > MAX_LISTEN_FDS:
+        log.warning("ignoring LISTEN_FDS=%d: more than %d sockets", count, MAX_LISTEN_FDS)
+        return []
+    names = names_text.split(":") if names_text is not None else []
+    if len(names) != count:
+        names = ["unknown"] * count
+    result: list[ActivatedSocket] = []
+    for fd, name in zip(range(LISTEN_FDS_START, LISTEN_FDS_START + count), names, strict=True):
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            log.warning("ignoring inherited fd %d (%s): %s", fd, name, exc)
+            continue
+        result.append(ActivatedSocket(name=name or "unknown", sock=sock))
+    return result
+
+
+def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
+    """The sockets systemd passed us, without their names; see :func:`listen_fds_with_names`."""
+    return [item.sock for item in listen_fds_with_names(unset_environment=unset_environment)]
+
+
+def _is_unix_stream_listener(sock: socket.socket) -> bool:
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    except OSError:
+        return False
+    return sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM and listening
+
+
+def _bound_path(sock: socket.socket) -> str | None:
+    name = sock.getsockname()
+    if isinstance(name, str) and name.startswith("/"):
+        return os.path.realpath(name)
+    return None  # abstract or unnamed
+
+
+def pick_listener(
+    inherited: list[ActivatedSocket], address: str, name: str = DEFAULT_FD_NAME
+) -> socket.socket | None:
+    """Choose the inherited socket the gRPC service should serve on, or None to bind itself.
+
+    Only listening unix stream sockets qualify: the Snapshots API has no authentication besides
+    the socket file's permissions, so a TCP socket passed by mistake is refused. A socket bound
+    to ``address`` wins; otherwise one named ``name`` (logged, since its path differs from the
+    configured address). Inherited sockets not chosen are closed.
+    """
+    wanted = os.path.realpath(address)
+    candidates = [item for item in inherited if _is_unix_stream_listener(item.sock)]
+    chosen = next((i for i in candidates if _bound_path(i.sock) == wanted), None)
+    if chosen is None:
+        chosen = next((i for i in candidates if i.name == name), None)
+        if chosen is not None:
+            log.warning(
+                "serving on inherited socket %r at %s, not the configured address %s",
+                chosen.name, _bound_path(chosen.sock), address,
+            )
+    for item in inherited:
+        if item is not chosen:
+            log.warning("closing unused inherited socket %r (%s)", item.name, item.sock)
+            item.sock.close()
+    return chosen.sock if chosen is not None else None
+
+
+# --- gRPC on an inherited socket -------------------------------------------------------------
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    """Copy bytes one way until EOF, then half-close the sink; on error, abort both ways."""
+    buffer = bytearray(_COPY_BUFFER)
+    view = memoryview(buffer)
+    try:
+        while n := source.recv_into(buffer):
+            sink.sendall(view[:n])
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _ActivationBridge:
+    """Accepts on an inherited listener and splices each connection to a private unix socket."""
+
+    def __init__(self, listener: socket.socket, target: str) -> None:
+        self._listener = listener
+        self._target = target
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._workers: set[threading.Thread] = set()
+        self._thread = threading.Thread(target=self._accept_loop, name="lazysnap-activation", daemon=True)
+
+    def start(self) -> None:
+        # The listener's file description is shared with systemd, which only polls it, so
+        # non-blocking mode is harmless there and keeps our accept from hanging after a race.
+        self._listener.setblocking(False)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._wake_reader in ready:
+                    return
+                try:
+                    client, _ = self._listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    log.warning("accept on the activated socket failed: %s", exc)
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        time.sleep(0.1)  # out of fds or memory: back off instead of spinning
+                    continue
+                self._spawn(client)
+
+    def _spawn(self, client: socket.socket) -> None:
+        client.setblocking(True)
+        with self._lock:
+            if len(self._workers) >= MAX_BRIDGED_CONNECTIONS:
+                log.warning("refusing connection: %d connections already open", len(self._workers))
+                client.close()
+                return
+            worker = threading.Thread(target=self._serve, args=(client,), name="lazysnap-bridge", daemon=True)
+            self._connections.add(client)
+            self._workers.add(worker)
+        worker.start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with self._lock:
+            self._connections.add(upstream)
+        try:
+            upstream.connect(self._target)
+            back = threading.Thread(target=_pump, args=(upstream, client), name="lazysnap-bridge")
+            back.daemon = True
+            back.start()
+            _pump(client, upstream)
+            back.join()
+        except OSError as exc:
+            log.warning("cannot reach the gRPC server at %s: %s", self._target, exc)
+        finally:
+            with self._lock:
+                self._connections.difference_update((client, upstream))
+                self._workers.discard(threading.current_thread())
+            client.close()
+            upstream.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, abort open connections, wait for the threads and close the listener."""
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._lock:
+            connections = list(self._connections)
+            workers = list(self._workers)
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for worker in workers:
+            worker.join(timeout)
+        self._listener.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._workers)
+
+
+class GrpcEndpoint:
+    """Where :func:`bind_grpc_server` bound a gRPC server; ``close()`` it after ``server.stop()``.
+
+    Attributes:
+        address: the public socket path containerd connects to.
+        activated: True when serving a socket inherited from systemd, through the bridge.
+    """
+
+    def __init__(
+        self, address: str, bridge: _ActivationBridge | None = None, private_dir: str | None = None
+    ) -> None:
+        self.address = address
+        self.activated = bridge is not None
+        self._bridge = bridge
+        self._private_dir = private_dir
+
+    def close(self) -> None:
+        """Release the bridge and the private socket. Idempotent; call after the server stopped.
+
+        A self-bound socket file is left in place for the next start to replace, because a
+        socket systemd holds must never be unlinked and both look the same from here.
+        """
+        if self._bridge is not None:
+            self._bridge.close()
+            self._bridge = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+
+    def open_connections(self) -> int:
+        """Client connections the bridge relays right now (0 when not socket-activated)."""
+        return self._bridge.open_connections() if self._bridge is not None else 0
+
+
+def _prepare_socket_dir(address: str) -> None:
+    parent = os.path.dirname(address) or "."
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    if os.path.lexists(address) and not stat.S_ISSOCK(os.lstat(address).st_mode):
+        raise FileExistsError(errno.EEXIST, "refusing to replace a non-socket file", address)
+
+
+def bind_grpc_server(
+    server: grpc.Server, address: str, *, listener: socket.socket | None = None, mode: int = 0o660
+) -> GrpcEndpoint:
+    """Make ``server`` (not yet started) serve the unix socket ``address``.
+
+    With ``listener`` (from :func:`pick_listener`), gRPC binds a private socket in a fresh 0700
+    directory and a bridge thread relays connections accepted on the inherited listener; the
+    listener's path and permissions stay as systemd made them. Without it, gRPC binds
+    ``address`` itself (replacing a stale socket file, never another kind of file) and the
+    socket is chmod'ed to ``mode``. Call from the thread that builds the server.
+
+    Raises:
+        OSError: the socket could not be bound (missing directory rights, path too long, a
+            non-socket file in the way).
+    """
+    if listener is None:
+        _prepare_socket_dir(address)
+        if server.add_insecure_port("unix:" + address) == 0:
+            raise OSError(errno.EADDRNOTAVAIL, "gRPC could not bind the unix socket", address)
+        os.chmod(address, mode)
+        return GrpcEndpoint(address)
+    private_dir = tempfile.mkdtemp(prefix="lazysnap-grpc-")
+    target = os.path.join(private_dir, "grpc.sock")
+    try:
+        if server.add_insecure_port("unix:" + target) == 0:
+            raise OSError(errno.EADDRNOTAVAIL, "gRPC could not bind its private socket", target)
+        bridge = _ActivationBridge(listener, target)
+        bridge.start()
+    except BaseException:
+        shutil.rmtree(private_dir, ignore_errors=True)
+        raise
+    log.info("serving gRPC on the socket-activated %s through %s", address, target)
+    return GrpcEndpoint(address, bridge, private_dir)
