@@ -1,0 +1,208 @@
+"""lazysnapd, the composition root: builds every object, owns the trio loop, serves until a signal.
+
+    lazysnapd --root DIR --address SOCKET [--config FILE] [--log-level L]
+
+Threading: trio runs the main thread from the start. grpcio serves the Snapshots API from its own
+thread pool; servicer methods block in those threads (sqlite, directory walks, mount syscalls) and
+reach the trio loop with ``trio.from_thread.run`` only for layer-filesystem calls. Components that
+live on the loop (the fusefs FUSE session) are entered as async context managers on one exit stack
+inside the daemon's nursery, so they stop in reverse order after the gRPC server has stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
+
+import grpc
+import trio
+
+from snapshotter import config as config_mod
+from snapshotter import logs
+from snapshotter.api import snapshots_pb2_grpc
+from snapshotter.config import Config
+from snapshotter.errors import ConfigError
+from snapshotter.mounts import Layout, detect_overlay_options
+from snapshotter.remote import LayerFilesystem
+from snapshotter.service import SnapshotsService
+from snapshotter.snapshots import Snapshots
+from snapshotter.store import Store
+
+log = logging.getLogger(__name__)
+
+LayerFilesystemFactory = Callable[[Config], AbstractAsyncContextManager[LayerFilesystem]]
+"""Opens the layer filesystem (e.g. fusefs's FUSE session) for the daemon's lifetime."""
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+class StartupError(Exception):
+    """The daemon cannot start: socket already served, root locked, bind failed."""
+
+
+def check_socket_free(address: str) -> None:
+    """Refuse a socket path another live process serves; remove a stale socket file.
+
+    Raises:
+        StartupError: something answers on ``address``, or the path is not a socket.
+    """
+    try:
+        st = os.lstat(address)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{address} exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(address)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise StartupError(f"{address}: cannot tell whether it is in use: {exc}") from exc
+        else:
+            raise StartupError(f"{address} is already served by a live process")
+    log.info("removing stale socket", extra={"address": address})
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+
+
+def lock_root(root: str) -> int:
+    """Take ``<root>/lock`` so two daemons never share one root; returns the held descriptor."""
+    fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"{root} is in use by another lazysnapd") from None
+    return fd
+
+
+def _start_grpc(cfg: Config, service: SnapshotsService) -> grpc.Server:
+    limit = cfg.grpc.max_message_bytes
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="grpc"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    # The socket appears when bound: create it without group/other access, then open it to the group.
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{cfg.address}")
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {cfg.address}: {exc}") from exc
+    finally:
+        os.umask(old_umask)
+    os.chmod(cfg.address, 0o660)
+    if os.geteuid() == 0:
+        os.chown(cfg.address, 0, 0)
+    server.start()
+    return server
+
+
+async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFactory | None = None,
+              *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until ``stop`` is set, then shut down cleanly. Reports started once it accepts RPCs.
+
+    Raises:
+        StartupError: the daemon could not start; nothing is left running.
+    """
+    root = os.path.abspath(cfg.root)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.address)), mode=0o711, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        lock_fd = lock_root(root)
+        stack.callback(os.close, lock_fd)
+        check_socket_free(cfg.address)
+        store = await trio.to_thread.run_sync(Store.open, os.path.join(root, "metadata.db"))
+        stack.callback(store.close)
+        layout = Layout(root)
+        overlay = await trio.to_thread.run_sync(detect_overlay_options, root)
+        snaps = Snapshots(store, layout, overlay)
+        await trio.to_thread.run_sync(snaps.recover)
+        if layerfs_factory is not None:
+            layerfs = await stack.enter_async_context(layerfs_factory(cfg))
+            snaps.attach_layer_filesystem(layerfs, trio.lowlevel.current_trio_token())
+            await snaps.restore_remote()
+        server = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps))
+
+        def stop_grpc() -> None:
+            server.stop(cfg.grpc.shutdown_grace).wait()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.address)
+
+        stack.push_async_callback(trio.to_thread.run_sync, stop_grpc)
+        log.info("serving", extra={"address": cfg.address, "root": root, "index_off": overlay.index_off,
+                                   "userxattr": overlay.userxattr, "pid": os.getpid()})
+        task_status.started()
+        await stop.wait()
+        log.info("shutting down")
+    log.info("stopped")
+
+
+async def _main_async(cfg: Config, layerfs_factory: LayerFilesystemFactory | None) -> None:
+    stop = trio.Event()
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                log.info("signal received", extra={"signal": signal.Signals(signum).name})
+                stop.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
+        await run(cfg, stop, layerfs_factory)
+        nursery.cancel_scope.cancel()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lazysnapd", description="lazysnap containerd proxy snapshotter")
+    p.add_argument("--root", help="state directory (config: root)")
+    p.add_argument("--address", help="unix socket to serve on (config: address)")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="config: log_level")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The config file's values with command-line overrides applied (ConfigError if invalid)."""
+    cfg = config_mod.load(args.config)
+    overrides = {k: v for k, v in (("root", args.root), ("address", args.address),
+                                   ("log_level", args.log_level)) if v is not None}
+    config_mod.from_mapping(Config, overrides)  # validates the overriding values
+    return replace(cfg, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lazysnapd``; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except ConfigError as exc:
+        print(f"lazysnapd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup(cfg.log_level)
+    try:
+        trio.run(_main_async, cfg, None)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_STARTUP
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
