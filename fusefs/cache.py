@@ -1,0 +1,291 @@
+"""The on-disk chunk cache: verified chunk bytes keyed by (layer digest, chunk key), bounded, LRU.
+
+Layout under ``CacheConfig.dir``::
+
+    chunks/<layer hex>/<chunk key>   one file per verified chunk (key = chunk digest hex)
+    indexes/<layer hex>              what a reader needs to rebuild the layer's index offline
+
+Only verified bytes are ever stored (callers verify first); a file appears by atomic rename, so
+a reader never sees a partial chunk. Size accounting and the LRU order are rebuilt at start by
+one directory scan (file mtimes order the LRU: approximate, and cheap). Chunks of mounted
+(pinned) layers are never evicted; when only pinned chunks are left and the bound is reached,
+new chunks are served but not kept.
+
+Thread safety: every public method may be called from the trio thread or a worker thread; one
+lock guards the accounting and the open-file cache. ``read`` is one dict lookup plus one
+``os.pread`` on an already open file in the common case and never checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from fusefs.config import CacheConfig
+from fusefs.errors import FormatError
+
+log = logging.getLogger(__name__)
+
+_DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
+_KEY_RE = re.compile(r"[0-9a-zA-Z_-]{1,128}")
+_MAX_OPEN_FILES = 64
+_FULL_LOG_INTERVAL = 60.0
+
+
+def layer_dirname(layer_digest: str) -> str:
+    """The directory name of a layer in the cache; refuses anything but ``sha256:<64 hex>``."""
+    m = _DIGEST_RE.fullmatch(layer_digest)
+    if m is None:
+        raise FormatError(f"not a sha256 layer digest: {layer_digest[:100]!r}")
+    return m.group(1)
+
+
+@dataclass(frozen=True)
+class CacheStatistics:
+    """A snapshot of the cache counters."""
+
+    bytes_cached: int
+    chunks_cached: int
+    max_bytes: int
+    hits: int
+    misses: int
+    stored: int
+    not_kept: int
+    evicted: int
+
+
+class ChunkCache:
+    """Verified chunk files on disk with LRU eviction of unpinned layers (see module docstring)."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self._config = config
+        self._chunks_dir = config.dir / "chunks"
+        self._indexes_dir = config.dir / "indexes"
+        self._chunks_dir.mkdir(parents=True, exist_ok=True)
+        self._indexes_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._layers: dict[str, dict[str, int]] = {}  # layer hex -> key -> size
+        self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()  # unpinned entries only
+        self._pins: dict[str, int] = {}
+        self._fds: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._total = 0
+        self._hits = self._misses = self._stored = self._not_kept = self._evicted = 0
+        self._last_full_log = 0.0
+        self._scan()
+
+    # -- pinning --------------------------------------------------------------------------
+
+    def pin(self, layer_digest: str) -> None:
+        """Protect a layer's chunks from eviction while it is mounted (counted)."""
+        layer = layer_dirname(layer_digest)
+        with self._lock:
+            self._pins[layer] = self._pins.get(layer, 0) + 1
+            if self._pins[layer] == 1:
+                for key in self._layers.get(layer, {}):
+                    self._lru.pop((layer, key), None)
+
+    def unpin(self, layer_digest: str) -> None:
+        """Undo one ``pin``; at zero the layer's chunks become evictable again."""
+        layer = layer_dirname(layer_digest)
+        with self._lock:
+            count = self._pins.get(layer, 0) - 1
+            if count > 0:
+                self._pins[layer] = count
+                return
+            self._pins.pop(layer, None)
+            for key in self._layers.get(layer, {}):
+                self._lru[(layer, key)] = None
+            self._evict_locked(0)
+
+    # -- chunks ---------------------------------------------------------------------------
+
+    def contains(self, layer_digest: str, key: str) -> bool:
+        layer = layer_dirname(layer_digest)
+        with self._lock:
+            return key in self._layers.get(layer, {})
+
+    def read(self, layer_digest: str, key: str, offset: int = 0, length: int | None = None) -> bytes | None:
+        """Bytes ``[offset, offset+length)`` of a cached chunk, or None on a miss."""
+        layer = layer_digest[7:]  # hot path: the digest was validated when the layer was pinned
+        with self._lock:
+            size = self._layers.get(layer, {}).get(key)
+            if size is None:
+                self._misses += 1
+                return None
+            ident = (layer, key)
+            try:
+                fd = self._fds.get(ident)
+                if fd is None:
+                    fd = os.open(self._chunks_dir / layer / key, os.O_RDONLY | os.O_CLOEXEC)
+                    self._fds[ident] = fd
+                    if len(self._fds) > _MAX_OPEN_FILES:
+                        os.close(self._fds.popitem(last=False)[1])
+                else:
+                    self._fds.move_to_end(ident)
+                want = size - offset if length is None else min(length, size - offset)
+                data = os.pread(fd, want, offset)
+            except OSError as exc:
+                log.warning("cache file %s/%s unreadable, dropping it: %s", layer, key, exc)
+                self._drop_locked(layer, key)
+                self._misses += 1
+                return None
+            if len(data) != want:
+                log.warning("cache file %s/%s is short, dropping it", layer, key)
+                self._drop_locked(layer, key)
+                self._misses += 1
+                return None
+            if ident in self._lru:
+                self._lru.move_to_end(ident)
+            self._hits += 1
+            return data
+
+    def put(self, layer_digest: str, key: str, data: bytes) -> bool:
+        """Store verified chunk bytes; False when they were not kept (full, or a disk error).
+
+        Blocks on disk I/O (and fsync when configured): call it from a worker thread for large
+        chunks. Never raises for I/O failures: the caller still has the bytes to serve.
+        """
+        layer = layer_dirname(layer_digest)
+        if _KEY_RE.fullmatch(key) is None:
+            raise ValueError(f"invalid cache key {key!r}")
+        size = len(data)
+        with self._lock:
+            if key in self._layers.get(layer, {}):
+                return True
+            if not self._evict_locked(size):
+                self._not_kept += 1
+                now = time.monotonic()
+                if now - self._last_full_log > _FULL_LOG_INTERVAL:
+                    self._last_full_log = now
+                    log.warning("chunk cache full of mounted layers (%d of %d bytes): serving "
+                                "chunks without keeping them", self._total, self._config.max_bytes)
+                return False
+            self._total += size  # reserve now so concurrent puts respect the bound
+        path = self._chunks_dir / layer / key
+        tmp = path.with_name(f".tmp-{key}-{secrets.token_hex(4)}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self._config.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except OSError as exc:
+            log.warning("could not cache chunk %s of layer %s: %s", key, layer, exc)
+            with self._lock:
+                self._total -= size
+            tmp.unlink(missing_ok=True)
+            return False
+        with self._lock:
+            entries = self._layers.setdefault(layer, {})
+            if key in entries:  # the same chunk was stored concurrently: undo our reservation
+                self._total -= size
+                return True
+            entries[key] = size
+            if layer not in self._pins:
+                self._lru[(layer, key)] = None
+            self._stored += 1
+        return True
+
+    def forget_layer(self, layer_digest: str) -> None:
+        """Delete everything cached for a layer that is released for good."""
+        layer = layer_dirname(layer_digest)
+        with self._lock:
+            for key in list(self._layers.get(layer, {})):
+                self._drop_locked(layer, key, unlink=False)
+            self._layers.pop(layer, None)
+        shutil.rmtree(self._chunks_dir / layer, ignore_errors=True)
+        (self._indexes_dir / layer).unlink(missing_ok=True)
+
+    # -- layer indexes --------------------------------------------------------------------
+
+    def save_index(self, layer_digest: str, data: bytes) -> None:
+        """Persist what is needed to rebuild a layer's index without its source (best effort)."""
+        path = self._indexes_dir / layer_dirname(layer_digest)
+        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self._config.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except OSError as exc:
+            log.warning("could not persist the index of %s: %s", layer_digest, exc)
+            tmp.unlink(missing_ok=True)
+
+    def load_index(self, layer_digest: str) -> bytes | None:
+        try:
+            return (self._indexes_dir / layer_dirname(layer_digest)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- accounting -----------------------------------------------------------------------
+
+    def statistics(self) -> CacheStatistics:
+        with self._lock:
+            return CacheStatistics(
+                bytes_cached=self._total, chunks_cached=sum(len(v) for v in self._layers.values()),
+                max_bytes=self._config.max_bytes, hits=self._hits, misses=self._misses,
+                stored=self._stored, not_kept=self._not_kept, evicted=self._evicted,
+            )
+
+    def close(self) -> None:
+        """Close cached file descriptors."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _evict_locked(self, incoming: int) -> bool:
+        limit = self._config.max_bytes
+        while self._total + incoming > limit and self._lru:
+            layer, key = next(iter(self._lru))
+            self._drop_locked(layer, key)
+            self._evicted += 1
+        return self._total + incoming <= limit
+
+    def _drop_locked(self, layer: str, key: str, unlink: bool = True) -> None:
+        entries = self._layers.get(layer, {})
+        size = entries.pop(key, None)
+        if size is not None:
+            self._total -= size
+        self._lru.pop((layer, key), None)
+        fd = self._fds.pop((layer, key), None)
+        if fd is not None:
+            os.close(fd)
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self._chunks_dir / layer / key)
+
+    def _scan(self) -> None:
+        found: list[tuple[float, str, str, int]] = []
+        for layer_entry in os.scandir(self._chunks_dir):
+            if not layer_entry.is_dir(follow_symlinks=False) or not re.fullmatch(r"[0-9a-f]{64}",
+                                                                                  layer_entry.name):
+                continue
+            for entry in os.scandir(layer_entry.path):
+                if entry.name.startswith(".tmp-"):
+                    os.unlink(entry.path)  # an interrupted write
+                    continue
+                if not entry.is_file(follow_symlinks=False) or _KEY_RE.fullmatch(entry.name) is None:
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                found.append((st.st_mtime, layer_entry.name, entry.name, st.st_size))
+        found.sort()
+        for _, layer, key, size in found:
+            self._layers.setdefault(layer, {})[key] = size
+            self._lru[(layer, key)] = None
+            self._total += size
+        if found:
+            log.info("chunk cache: %d chunks, %d bytes found at start", len(found), self._total)
+        self._evict_locked(0)

@@ -1,0 +1,265 @@
+"""The read path of one layer: cache hit → bytes; miss → coalesced fetch → decode → verify → cache.
+
+Invariants (all state lives on the trio thread; worker threads only decode, hash and write files):
+
+* bytes reach a caller or the cache only after their chunk digest matched;
+* one in-flight fetch per chunk: concurrent readers of a missing chunk wait on its ``_Flight``;
+* each run of blob-adjacent missing chunks is one ``(offset, length)`` range, and the ranges of
+  one read go to the source in one ``read_ranges`` call (bounded by ``FetchConfig``);
+* a chunk that failed keeps failing fast for ``failure_ttl`` seconds, then is tried again;
+* background work waits at the :class:`PriorityGate` while any on-demand fetch is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import trio
+
+from fusefs import codecs
+from fusefs.cache import ChunkCache
+from fusefs.config import FetchConfig
+from fusefs.errors import IntegrityError, LayerError, SourceError
+from fusefs.index import Chunk, LayerIndex, NodeId
+from fusefs.sources.base import BlobSource
+
+log = logging.getLogger(__name__)
+
+
+class PriorityGate:
+    """Lets background fetches run only while no on-demand fetch is in flight (all layers)."""
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def on_demand(self) -> Iterator[None]:
+        """Mark an on-demand fetch in flight for the duration of the block."""
+        if self._active == 0:
+            self._idle = trio.Event()
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no on-demand fetch is in flight (checkpoints)."""
+        while self._active:
+            await self._idle.wait()
+        await trio.lowlevel.checkpoint()
+
+
+@dataclass(eq=False)
+class _Flight:
+    event: trio.Event
+    data: bytes | None = None
+    error: LayerError | None = None
+
+
+@dataclass(frozen=True)
+class FetchStatistics:
+    on_demand_fetches: int
+    background_fetches: int
+    chunks_fetched: int
+    bytes_fetched: int
+    integrity_failures: int
+    source_failures: int
+
+
+class ChunkFetcher:
+    """Serves file reads of one mounted layer (see the module docstring for the invariants)."""
+
+    def __init__(
+        self,
+        layer_digest: str,
+        index: LayerIndex,
+        source: BlobSource,
+        cache: ChunkCache,
+        config: FetchConfig,
+        gate: PriorityGate,
+    ) -> None:
+        self.layer_digest = layer_digest
+        self.index = index
+        self.source = source
+        self._cache = cache
+        self._config = config
+        self._gate = gate
+        self._inflight: dict[int, _Flight] = {}
+        self._failures: dict[int, tuple[float, LayerError]] = {}
+        self._on_demand = self._background = self._chunks = self._bytes = 0
+        self._integrity_failures = self._source_failures = 0
+
+    def statistics(self) -> FetchStatistics:
+        return FetchStatistics(self._on_demand, self._background, self._chunks, self._bytes,
+                               self._integrity_failures, self._source_failures)
+
+    def is_cached(self, cid: int) -> bool:
+        return self._cache.contains(self.layer_digest, self.index.chunk_key(cid))
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def read(self, node: NodeId, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of regular file ``node``, short at end of file.
+
+        Raises:
+            IntegrityError, SourceError: the bytes could not be fetched or did not verify.
+        """
+        size = self.index.attr(node).size
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        cids = self.index.chunks_in(node, offset, end - offset)
+        parts: list[bytes | None] = []
+        missing: list[int] = []
+        for cid in cids:
+            lo, hi = self._slice(cid, offset, end)
+            data = self._cache.read(self.layer_digest, self.index.chunk_key(cid), lo, hi - lo)
+            parts.append(data)
+            if data is None:
+                missing.append(cid)
+        if missing:
+            fetched = await self.ensure(missing)
+            for i, cid in enumerate(cids):
+                if parts[i] is None:
+                    lo, hi = self._slice(cid, offset, end)
+                    parts[i] = fetched[cid][lo:hi]
+        return b"".join(p for p in parts if p is not None)
+
+    def _slice(self, cid: int, offset: int, end: int) -> tuple[int, int]:
+        start = self.index.chunk_file_offset(cid)
+        size = self.index.chunk(cid).size
+        return max(offset, start) - start, min(end, start + size) - start
+
+    async def ensure(self, cids: Sequence[int], *, background: bool = False) -> dict[int, bytes]:
+        """Fetch (or join the fetch of) each chunk not cached; return the bytes of each.
+
+        Cancellation: waiters whose leader was cancelled fetch again themselves.
+        """
+        result: dict[int, bytes] = {}
+        pending = list(dict.fromkeys(cids))
+        while pending:
+            mine: list[int] = []
+            theirs: list[tuple[int, _Flight]] = []
+            now = time.monotonic()
+            for cid in pending:
+                failed = self._failures.get(cid)
+                if failed is not None:
+                    if now < failed[0]:
+                        raise type(failed[1])(str(failed[1]))
+                    del self._failures[cid]
+                flight = self._inflight.get(cid)
+                if flight is not None:
+                    theirs.append((cid, flight))
+                    continue
+                cached = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
+                if cached is not None:
+                    result[cid] = cached
+                else:
+                    mine.append(cid)
+            pending = []
+            if mine:
+                result.update(await self._lead(mine, background))
+            for cid, flight in theirs:
+                await flight.event.wait()
+                if flight.error is not None:
+                    raise type(flight.error)(str(flight.error))
+                if flight.data is None:  # the leader was cancelled: try again
+                    pending.append(cid)
+                else:
+                    result[cid] = flight.data
+        return result
+
+    async def _lead(self, cids: list[int], background: bool) -> dict[int, bytes]:
+        flights = {cid: _Flight(trio.Event()) for cid in cids}
+        self._inflight.update(flights)
+        try:
+            chunks = {cid: self.index.chunk(cid) for cid in cids}
+            runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks)
+            first_error: LayerError | None = None
+            step = self._config.max_ranges_per_read
+            for i in range(0, len(runs), step):
+                batch = runs[i:i + step]
+                try:
+                    blobs = await self._read_ranges([(s, e - s) for s, e, _ in batch], background)
+                except SourceError as exc:
+                    self._source_failures += 1
+                    for _, _, members in batch:
+                        for cid in members:
+                            self._fail(cid, flights[cid], exc)
+                    first_error = first_error or exc
+                    continue
+                for (start, _, members), blob in zip(batch, blobs, strict=True):
+                    for cid in members:
+                        c = chunks[cid]
+                        compressed = blob[c.blob_offset - start:c.blob_end - start]
+                        try:
+                            data = await self._decode_and_store(c, compressed, self.index.chunk_key(cid))
+                        except IntegrityError as exc:
+                            self._integrity_failures += 1
+                            log.warning("layer %s: chunk at blob offset %d (file offset %d, sha256:%s) "
+                                        "failed verification: %s", self.layer_digest, c.blob_offset,
+                                        c.file_offset, c.digest_hex, exc)
+                            self._fail(cid, flights[cid], exc)
+                            first_error = first_error or exc
+                            continue
+                        except LayerError as exc:
+                            self._fail(cid, flights[cid], exc)
+                            first_error = first_error or exc
+                            continue
+                        flights[cid].data = data
+                        self._chunks += 1
+            if first_error is not None:
+                raise first_error
+            return {cid: f.data for cid, f in flights.items() if f.data is not None}
+        finally:
+            for cid, flight in flights.items():
+                if self._inflight.get(cid) is flight:
+                    del self._inflight[cid]
+                flight.event.set()
+
+    def _fail(self, cid: int, flight: _Flight, exc: LayerError) -> None:
+        flight.error = exc
+        self._failures[cid] = (time.monotonic() + self._config.failure_ttl, exc)
+
+    def _runs(self, ordered: list[int], chunks: dict[int, Chunk]) -> list[tuple[int, int, list[int]]]:
+        """Group chunks into ``(blob start, blob end, chunk ids)`` runs of adjacent blob ranges."""
+        runs: list[tuple[int, int, list[int]]] = []
+        limit = self._config.max_range_bytes
+        for cid in ordered:
+            c = chunks[cid]
+            if runs:
+                start, end, members = runs[-1]
+                if c.blob_offset <= end and max(end, c.blob_end) - start <= limit:
+                    runs[-1] = (start, max(end, c.blob_end), [*members, cid])
+                    continue
+            runs.append((c.blob_offset, c.blob_end, [cid]))
+        return runs
+
+    async def _read_ranges(self, ranges: list[tuple[int, int]], background: bool) -> list[bytes]:
+        self._bytes += sum(length for _, length in ranges)
+        if background:
+            self._background += 1
+            await self._gate.wait_idle()
+            return await self.source.read_ranges(ranges)
+        self._on_demand += 1
+        with self._gate.on_demand():
+            return await self.source.read_ranges(ranges)
+
+    async def _decode_and_store(self, chunk: Chunk, compressed: bytes, key: str) -> bytes:
+        if len(compressed) >= self._config.thread_threshold:
+            return await trio.to_thread.run_sync(self._decode_and_store_sync, chunk, compressed, key)
+        return self._decode_and_store_sync(chunk, compressed, key)
+
+    def _decode_and_store_sync(self, chunk: Chunk, compressed: bytes, key: str) -> bytes:
+        data = codecs.decode(chunk, compressed)
+        self._cache.put(self.layer_digest, key, data)
+        return data

@@ -1,0 +1,93 @@
+"""Mount-time prefetch of the landmark prefix and low-priority background fetch of the rest.
+
+``run`` is started per mounted layer in the manager's nursery and cancelled when the layer is
+released. The prefix is fetched with on-demand priority in as few requests as the coalescing
+limits allow; the background pass then walks the remaining chunks in blob order, one step of
+``background_step_bytes`` at a time, each step waiting at the :class:`PriorityGate` so on-demand
+reads go first, and optionally paced to ``background_rate`` bytes per second. Failures are
+logged and stop the pass: background fetching is an optimisation, reads still fetch on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from fusefs.config import PrefetchConfig
+from fusefs.errors import LayerError
+from fusefs.fetch import ChunkFetcher
+
+log = logging.getLogger(__name__)
+
+
+def _uncached_in_blob_order(fetcher: ChunkFetcher, below: int | None) -> list[int]:
+    index = fetcher.index
+    cids = sorted(range(index.chunk_count), key=index.chunk_blob_range)
+    out = []
+    for cid in cids:
+        start, _ = index.chunk_blob_range(cid)
+        if below is not None and start >= below:
+            break
+        if not fetcher.is_cached(cid):
+            out.append(cid)
+    return out
+
+
+async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int | None) -> None:
+    """Prefetch then background-fetch one layer; returns when done, never raises LayerError."""
+    boundary = prefetch_size if prefetch_size is not None else fetcher.index.prefetch_end
+    try:
+        if config.prefetch and boundary:
+            cids = _uncached_in_blob_order(fetcher, boundary)
+            if cids:
+                await fetcher.ensure(cids)
+                log.info("layer %s: prefetched %d chunks below blob offset %d",
+                         fetcher.layer_digest, len(cids), boundary)
+        if config.background:
+            await _background(fetcher, config)
+    except LayerError as exc:
+        log.info("layer %s: prefetch/background fetch stopped: %s", fetcher.layer_digest, exc)
+
+
+class _CacheFull(Exception):
+    pass
+
+
+async def _background(fetcher: ChunkFetcher, config: PrefetchConfig) -> None:
+    try:
+        await _background_pass(fetcher, config)
+    except _CacheFull:
+        log.info("layer %s: background fetch stopped: the cache does not keep more chunks",
+                 fetcher.layer_digest)
+
+
+async def _background_pass(fetcher: ChunkFetcher, config: PrefetchConfig) -> None:
+    index = fetcher.index
+    step: list[int] = []
+    step_bytes = 0
+    done = 0
+    for cid in _uncached_in_blob_order(fetcher, None):
+        start, end = index.chunk_blob_range(cid)
+        step.append(cid)
+        step_bytes += end - start
+        if step_bytes >= config.background_step_bytes:
+            await _one_step(fetcher, config, step, step_bytes)
+            done += len(step)
+            step, step_bytes = [], 0
+    if step:
+        await _one_step(fetcher, config, step, step_bytes)
+        done += len(step)
+    log.info("layer %s: background fetch complete (%d chunks)", fetcher.layer_digest, done)
+
+
+async def _one_step(fetcher: ChunkFetcher, config: PrefetchConfig, cids: list[int], nbytes: int) -> None:
+    cids = [cid for cid in cids if not fetcher.is_cached(cid)]
+    if cids:
+        await fetcher.ensure(cids, background=True)
+        if not all(fetcher.is_cached(cid) for cid in cids):
+            raise _CacheFull
+    if config.background_rate > 0:
+        await trio.sleep(nbytes / config.background_rate)
+    else:
+        await trio.lowlevel.checkpoint()
