@@ -1,0 +1,356 @@
+"""LayerManager: what the snapshotter uses to mount, check and release lazily fetched layers.
+
+API (satisfies the snapshotter's ``LayerFilesystem`` Protocol structurally)::
+
+    manager = await LayerManager.create(config: FusefsConfig, nursery, source_factory)
+    await manager.mount(spec: LayerSpec, mountpoint: str)   # bind-mounts the layer tree
+    await manager.check(mountpoint)                         # LayerError if no longer served
+    await manager.unmount(mountpoint)                       # the layer stays cached
+    await manager.forget_layer(digest)                      # released for good: drop its cache
+    await manager.aclose()                                  # unmount everything, stop FUSE
+
+All methods run on the trio thread that called ``create`` (gRPC threads use
+``trio.from_thread.run``). ``create`` mounts the one pyfuse3 session of the process at
+``config.fuse.mountpoint`` and serves it in ``nursery``; each mounted layer is a top-level
+directory there (``<digest hex[:16]>``), which ``mount`` bind-mounts onto ``mountpoint``.
+
+``mount`` reads the layer's index through the first reader of ``config.formats`` that accepts
+the blob, verifies it against ``spec.toc_digest`` (no digest: refused unless
+``allow_unverified_toc``), and persists the ranges it read in the cache so a restart mounts the
+layer again without a registry round trip. It raises ``LayerError`` (``UnsupportedFormat``,
+``IntegrityError``, ``FormatError``, ``SourceError``) for anything that prevents serving the
+layer lazily — the snapshotter then falls back to a normal pull — and leaves ``mountpoint``
+untouched in that case. Mounting the same digest at several mountpoints shares one tree.
+``spec.neighbours`` are resolved in the background: their indexes are fetched and persisted so
+their own mounts need no round trip.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fusefs.cache import ChunkCache, layer_dirname
+from fusefs.config import FusefsConfig
+from fusefs.errors import FormatError, IntegrityError, LayerError, UnsupportedFormat
+from fusefs.fetch import ChunkFetcher, PriorityGate
+from fusefs.formats import READERS
+from fusefs.index import LayerIndex, UnverifiedIndex
+from fusefs.layers import ROOT_INODE, LayerTable, MountedLayer
+from fusefs.ops import LayerOperations
+from fusefs.prefetch import run as run_prefetch
+from fusefs.sources.base import BlobSource, SourceFactory
+from fusefs.sources.replay import RecordingSource
+from fusefs.spec import LayerSpec
+
+log = logging.getLogger(__name__)
+
+_MS_BIND = 4096
+_MNT_DETACH = 2
+_MAX_NEIGHBOURS = 128
+_libc = ctypes.CDLL(None, use_errno=True)
+_session_active = False
+
+
+def _bind_mount(source: str, target: str) -> None:
+    if _libc.mount(source.encode(), target.encode(), None, _MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bind mount {source} on {target}: {os.strerror(err)}")
+
+
+def _unmount(target: str) -> None:
+    if _libc.umount2(target.encode(), 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EBUSY and _libc.umount2(target.encode(), _MNT_DETACH) == 0:
+        log.info("%s was busy: detached lazily", target)
+        return
+    err = ctypes.get_errno() or err
+    raise OSError(err, f"unmount {target}: {os.strerror(err)}")
+
+
+class LayerManager:
+    """Mounts layers into the process's one FUSE session (see the module docstring)."""
+
+    def __init__(self, config: FusefsConfig, nursery: trio.Nursery, source_factory: SourceFactory,
+                 cache: ChunkCache) -> None:
+        self._config = config
+        self._nursery = nursery
+        self._factory = source_factory
+        self.cache = cache
+        self._table = LayerTable()
+        self._gate = PriorityGate()
+        self._ops = LayerOperations(self._table, config.fuse)
+        self._mounts: dict[str, MountedLayer] = {}
+        self._prefetch_scopes: dict[str, trio.CancelScope] = {}
+        self._checked: dict[str, float] = {}
+        self._opening: dict[str, trio.Lock] = {}
+        self._resolving: set[str] = set()
+        self._stopped = trio.Event()
+        self._fuse_root = str(config.fuse.mountpoint)
+
+    @classmethod
+    async def create(cls, config: FusefsConfig, nursery: trio.Nursery,
+                     source_factory: SourceFactory) -> LayerManager:
+        """Mount the FUSE session and start serving it in ``nursery``.
+
+        Raises:
+            RuntimeError: a session already runs in this process (pyfuse3 allows one).
+            OSError: the FUSE mount failed.
+        """
+        global _session_active
+        if _session_active:
+            raise RuntimeError("one FUSE session per process: a LayerManager already runs")
+        cache = await trio.to_thread.run_sync(ChunkCache, config.cache)
+        self = cls(config, nursery, source_factory, cache)
+        mountpoint = config.fuse.mountpoint
+        await trio.to_thread.run_sync(_prepare_mountpoint, mountpoint)
+        options = set(pyfuse3.default_options) | {f"fsname={config.fuse.fsname}", "ro", "subtype=lazysnap"}
+        if config.fuse.allow_other:
+            options.add("allow_other")
+        pyfuse3.init(self._ops, str(mountpoint), options)
+        _session_active = True
+        nursery.start_soon(self._serve)
+        return self
+
+    async def _serve(self) -> None:
+        try:
+            await pyfuse3.main()
+        finally:
+            self._stopped.set()
+
+    @property
+    def fuse_root(self) -> str:
+        return self._fuse_root
+
+    def layer_path(self, digest: str) -> str | None:
+        """Where a mounted layer's tree is inside the FUSE session, or None."""
+        for layer in self._mounts.values():
+            if layer.digest == digest:
+                return os.path.join(self._fuse_root, layer.name.decode())
+        return None
+
+    def fetcher(self, digest: str) -> ChunkFetcher | None:
+        """The fetcher of a mounted layer (statistics, tests)."""
+        for layer in self._mounts.values():
+            if layer.digest == digest:
+                return layer.fetcher
+        return None
+
+    # -- the LayerFilesystem protocol ----------------------------------------------------
+
+    async def mount(self, spec: LayerSpec, mountpoint: str) -> None:
+        """Serve ``spec``'s layer and bind-mount its tree onto ``mountpoint`` (see module doc)."""
+        mountpoint = os.path.abspath(mountpoint)
+        if mountpoint in self._mounts:
+            raise LayerError(f"{mountpoint} already holds a lazysnap layer")
+        layer_dirname(spec.digest)  # refuse malformed digests before using them in paths
+        if spec.neighbours:
+            self._nursery.start_soon(self.resolve_neighbours, spec)
+        lock = self._opening.setdefault(spec.digest, trio.Lock())
+        async with lock:
+            layer = self._served(spec.digest)
+            opened_here = layer is None
+            if layer is None:
+                layer = await self._open_layer(spec)
+        src = os.path.join(self._fuse_root, layer.name.decode())
+        try:
+            await trio.to_thread.run_sync(_bind_mount, src, mountpoint)
+        except OSError as exc:
+            if opened_here and not layer.mountpoints:
+                await self._close_layer(layer)
+            raise LayerError(f"cannot mount layer {spec.digest} on {mountpoint}: {exc}") from exc
+        layer.mountpoints.add(mountpoint)
+        self._mounts[mountpoint] = layer
+        log.info("mounted layer %s (%d nodes) on %s", spec.digest, layer.index.node_count, mountpoint)
+
+    async def check(self, mountpoint: str) -> None:
+        """Raise ``LayerError`` unless the layer is served and its source reachable (throttled)."""
+        layer = self._mounts.get(os.path.abspath(mountpoint))
+        if layer is None or self._table.by_name(layer.name) is not layer:
+            raise LayerError(f"{mountpoint} is not served by lazysnap")
+        now = time.monotonic()
+        if now - self._checked.get(layer.digest, -1e18) < self._config.check_interval:
+            return
+        await layer.fetcher.source.check()
+        self._checked[layer.digest] = now
+
+    async def unmount(self, mountpoint: str) -> None:
+        """Unmount ``mountpoint``; the layer stops being served once no mountpoint uses it.
+
+        Raises:
+            LayerError: ``mountpoint`` is not a layer mount of this manager, or unmounting failed.
+        """
+        mountpoint = os.path.abspath(mountpoint)
+        layer = self._mounts.get(mountpoint)
+        if layer is None:
+            raise LayerError(f"{mountpoint} is not a lazysnap layer mount")
+        try:
+            await trio.to_thread.run_sync(_unmount, mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: no longer a mount point; forget it anyway
+                raise LayerError(str(exc)) from exc
+        del self._mounts[mountpoint]
+        layer.mountpoints.discard(mountpoint)
+        if not layer.mountpoints:
+            await self._close_layer(layer)
+
+    async def forget_layer(self, digest: str) -> None:
+        """Drop everything cached for a layer released for good (no-op while it is mounted)."""
+        if self._served(digest) is None:
+            await trio.to_thread.run_sync(self.cache.forget_layer, digest)
+
+    async def aclose(self) -> None:
+        """Unmount every layer, stop the FUSE session and wait for it to end."""
+        global _session_active
+        for mountpoint in list(self._mounts):
+            try:
+                await self.unmount(mountpoint)
+            except LayerError as exc:
+                log.warning("at shutdown: %s", exc)
+        pyfuse3.terminate()
+        await self._stopped.wait()
+        pyfuse3.close(unmount=True)
+        _session_active = False
+        self.cache.close()
+
+    # -- neighbours ------------------------------------------------------------------------
+
+    async def resolve_neighbours(self, spec: LayerSpec) -> None:
+        """Fetch and persist the indexes of ``spec.neighbours`` in parallel (best effort).
+
+        Nothing is trusted here: each neighbour's index is verified when it is mounted.
+        """
+        todo = [d for d in spec.neighbours[:_MAX_NEIGHBOURS]
+                if d != spec.digest and d not in self._resolving and self._served(d) is None]
+        limiter = trio.CapacityLimiter(4)
+        async with trio.open_nursery() as nursery:
+            for digest in todo:
+                self._resolving.add(digest)
+                nursery.start_soon(self._resolve_one, spec, digest, limiter)
+
+    async def _resolve_one(self, spec: LayerSpec, digest: str, limiter: trio.CapacityLimiter) -> None:
+        try:
+            async with limiter:
+                if self.cache.load_index(digest) is not None:
+                    return
+                neighbour = LayerSpec(ref=spec.ref, digest=digest, urls=(), format_hints=spec.format_hints)
+                source = await self._factory.open(neighbour)
+                try:
+                    recorder = RecordingSource(source)
+                    await self._read_index(recorder)
+                    await trio.to_thread.run_sync(self.cache.save_index, digest, recorder.dump())
+                finally:
+                    await source.aclose()
+        except LayerError as exc:
+            log.debug("neighbour %s of %s not resolved: %s", digest, spec.digest, exc)
+        finally:
+            self._resolving.discard(digest)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _served(self, digest: str) -> MountedLayer | None:
+        hexpart = digest.partition(":")[2]
+        for name in (hexpart[:16].encode(), hexpart.encode()):
+            layer = self._table.by_name(name)
+            if layer is not None and layer.digest == digest:
+                return layer
+        return None
+
+    async def _open_layer(self, spec: LayerSpec) -> MountedLayer:
+        source = await self._factory.open(spec)
+        try:
+            index = await self._load_index(spec, source)
+            hexpart = layer_dirname(spec.digest)
+            name = hexpart[:16].encode()
+            if self._table.by_name(name) is not None:
+                name = hexpart.encode()  # a prefix collision: use the full digest
+            fetcher = ChunkFetcher(spec.digest, index, source, self.cache, self._config.fetch, self._gate)
+            layer = self._table.add(name, spec.digest, index, fetcher)
+        except BaseException:
+            await source.aclose()
+            raise
+        self.cache.pin(spec.digest)
+        scope = trio.CancelScope()
+        self._prefetch_scopes[spec.digest] = scope
+        self._nursery.start_soon(self._prefetch, fetcher, spec.prefetch_size, scope)
+        return layer
+
+    async def _prefetch(self, fetcher: ChunkFetcher, prefetch_size: int | None,
+                        scope: trio.CancelScope) -> None:
+        with scope:
+            await run_prefetch(fetcher, self._config.prefetch, prefetch_size)
+
+    async def _load_index(self, spec: LayerSpec, source: BlobSource) -> LayerIndex:
+        persisted = self.cache.load_index(spec.digest)
+        if persisted is not None:
+            try:
+                recorder = RecordingSource.load(source, persisted)
+                index = self._verify(spec, await self._read_index(recorder))
+                if recorder.source_reads:
+                    await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
+                return index
+            except (FormatError, IntegrityError, UnsupportedFormat) as exc:
+                log.warning("persisted index of %s unusable (%s): reading it from the source",
+                            spec.digest, exc)
+        recorder = RecordingSource(source, spec.size)
+        index = self._verify(spec, await self._read_index(recorder))
+        await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
+        return index
+
+    async def _read_index(self, source: BlobSource) -> UnverifiedIndex:
+        for name in self._config.formats:
+            reader = READERS.get(name)
+            if reader is None:
+                raise UnsupportedFormat(f"unknown format reader {name!r} in config")
+            try:
+                return await reader(source, opaque_xattr=self._config.fuse.opaque_xattr)
+            except UnsupportedFormat:
+                continue
+        formats = ", ".join(self._config.formats)
+        raise UnsupportedFormat(f"{source.digest} is in none of the formats {formats}")
+
+    def _verify(self, spec: LayerSpec, unverified: UnverifiedIndex) -> LayerIndex:
+        if spec.toc_digest:
+            return unverified.verify(spec.toc_digest)
+        if self._config.allow_unverified_toc:
+            return unverified.skip_verification(f"layer {spec.digest} has no TOC digest label; "
+                                                "allow_unverified_toc is set")
+        raise IntegrityError(f"layer {spec.digest} has no expected TOC digest: refusing to mount it lazily")
+
+    async def _close_layer(self, layer: MountedLayer) -> None:
+        self._table.remove(layer.name)
+        scope = self._prefetch_scopes.pop(layer.digest, None)
+        if scope is not None:
+            scope.cancel()
+        self.cache.unpin(layer.digest)
+        self._checked.pop(layer.digest, None)
+        self._opening.pop(layer.digest, None)
+        try:
+            pyfuse3.invalidate_entry_async(ROOT_INODE, layer.name, ignore_enoent=True)
+        except Exception:  # the kernel may not know the entry; nothing to invalidate
+            log.debug("invalidate_entry of %s failed", layer.name, exc_info=True)
+        await layer.fetcher.source.aclose()
+        log.info("layer %s no longer served", layer.digest)
+
+
+def _prepare_mountpoint(mountpoint: Path) -> None:
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+        log.warning("%s is a dead FUSE mount from an earlier run: detaching it", mountpoint)
+        _libc.umount2(str(mountpoint).encode(), _MNT_DETACH)
