@@ -180,8 +180,24 @@ class Registry:
         path = self.access_log_path
         return path.stat().st_size if path.exists() else 0
 
-    def access_log_entries(self, since: int = 0) -> list[AccessLogEntry]:
-        """Requests completed so far (after `since`), in completion order."""
+    def access_log_entries(self, since: int = 0, min_count: int = 0,
+                           timeout: float = 5.0) -> list[AccessLogEntry]:
+        """Requests completed so far (after `since`), in completion order.
+
+        The registry (and the proxy) log a request just after its last byte went out, so a client
+        can be faster than the log: `min_count` waits up to `timeout` s for that many entries.
+        """
+        entries: list[AccessLogEntry] = []
+
+        def enough() -> bool:
+            nonlocal entries
+            entries = self._read_entries(since)
+            return len(entries) >= min_count
+
+        wait_until(enough, timeout, f"{min_count} access log entries in {self.access_log_path}")
+        return entries
+
+    def _read_entries(self, since: int) -> list[AccessLogEntry]:
         path = self.access_log_path
         if not path.exists():
             return []
@@ -192,10 +208,10 @@ class Registry:
             return read_proxy_log(text)
         return parse_combined_log(text)
 
-    def blob_bytes(self, since: int = 0) -> dict[str, int]:
+    def blob_bytes(self, since: int = 0, min_count: int = 0) -> dict[str, int]:
         """Response bytes per blob digest for successful blob GETs after `since`."""
         totals: dict[str, int] = {}
-        for e in self.access_log_entries(since):
+        for e in self.access_log_entries(since, min_count):
             d = e.blob_digest
             if d is not None and e.method == "GET" and e.status in (200, 206):
                 totals[d] = totals.get(d, 0) + e.bytes

@@ -1,0 +1,101 @@
+"""pytest fixtures over the harness; import them into a conftest.py:
+
+    from tests.harness.fixtures import (containerd, lazysnapd, make_containerd, make_lazysnapd,
+                                        registry, test_image)
+
+- `registry` (session): one docker-registry for the run; use `registry.log_mark()` to scope logs.
+- `test_image` (session): the busybox test image, built and pushed once (`BuiltImage`).
+- `make_lazysnapd(config=None)` / `lazysnapd`: a lazysnapd with its own root and socket per test.
+  Fails the test (never skips) when lazysnapd is missing or does not start.
+- `make_containerd(proxy_socket=..., cri=...)` / `containerd`: a private containerd per test;
+  `containerd` is wired to `lazysnapd` (proxy plugin "lazysnap") and knows `registry`.
+
+Teardown stops every process by PID, unmounts what is left and removes the work dirs; a
+lazysnapd that left mounts behind after SIGTERM fails the test at teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .containerd import Containerd
+from .image import BuiltImage, build_image
+from .lazysnapd import Lazysnapd
+from .procs import HarnessError, remove_tree, short_tempdir
+from .registry import Registry
+
+__all__ = ["containerd", "lazysnapd", "make_containerd", "make_lazysnapd", "registry", "test_image"]
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    work = short_tempdir("lzs-reg-")
+    with Registry(work) as reg:
+        yield reg
+    remove_tree(work)
+
+
+@pytest.fixture(scope="session")
+def test_image(registry: Registry) -> Iterator[BuiltImage]:
+    work = short_tempdir("lzs-img-")
+    yield build_image(work, registry)
+    remove_tree(work)
+
+
+@pytest.fixture
+def make_lazysnapd() -> Iterator[Callable[..., Lazysnapd]]:
+    started: list[tuple[Lazysnapd, Path]] = []
+
+    def make(**kwargs: Any) -> Lazysnapd:
+        work = short_tempdir("lzs-snapd-")
+        snapd = Lazysnapd(work, **kwargs)
+        started.append((snapd, work))
+        try:
+            snapd.start()
+        except HarnessError as exc:
+            pytest.fail(f"lazysnapd did not start: {exc}\n{snapd.log_tail()}", pytrace=False)
+        return snapd
+
+    yield make
+    leftovers = []
+    for snapd, work in reversed(started):
+        left = snapd.stop()
+        if left:
+            leftovers.append(f"{snapd.root}: {[str(p) for p in left]}")
+        remove_tree(work)
+    if leftovers:
+        pytest.fail(f"lazysnapd left mounts after SIGTERM: {leftovers}", pytrace=False)
+
+
+@pytest.fixture
+def lazysnapd(make_lazysnapd: Callable[..., Lazysnapd]) -> Lazysnapd:
+    return make_lazysnapd()
+
+
+@pytest.fixture
+def make_containerd(registry: Registry,
+                    make_lazysnapd: Callable[..., Lazysnapd]) -> Iterator[Callable[..., Containerd]]:
+    # depending on make_lazysnapd makes pytest stop containerd before any lazysnapd it talks to
+    started: list[tuple[Containerd, Path]] = []
+
+    def make(**kwargs: Any) -> Containerd:
+        kwargs.setdefault("registries", [registry.host])
+        work = short_tempdir("lzs-ctd-")
+        ctd = Containerd(work, **kwargs)
+        started.append((ctd, work))
+        ctd.start()
+        return ctd
+
+    yield make
+    for ctd, work in reversed(started):
+        ctd.stop()
+        remove_tree(work)
+
+
+@pytest.fixture
+def containerd(lazysnapd: Lazysnapd, make_containerd: Callable[..., Containerd]) -> Containerd:
+    return make_containerd(proxy_socket=lazysnapd.address)
