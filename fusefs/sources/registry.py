@@ -457,8 +457,9 @@ class RegistrySource:
                 raise SourceError(f"{where} answered {end - start} bytes for a {asked}-byte request")
             declared = _content_length(resp)
             if declared is not None and declared != end - start:
-                raise SourceError(f"{where}: Content-Length {declared} disagrees with Content-Range "
-                                  f"{content_range!r}")
+                kind = "short body" if declared < end - start else "oversized body"
+                raise SourceError(f"{where}: {kind}: Content-Length {declared} disagrees with "
+                                  f"Content-Range {content_range!r} for {self._digest}")
             pieces = [Piece(start, await self._read_exact(resp, end - start, where))]
         for piece in pieces:
             if self._size is not None and piece.end > self._size:

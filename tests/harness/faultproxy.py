@@ -340,13 +340,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
         length = headers.get("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", length if length is not None else str(len(body)))
+        # Recorded before the body goes out, so a client that has its answer sees the record.
+        self._log(status, len(body) if self.command != "HEAD" else 0)
         self.end_headers()
-        sent = 0
         if self.command != "HEAD" and body:
             self.wfile.write(body)
-            sent = len(body)
         self.wfile.flush()
-        self._log(status, sent)
 
     def _reply_dropped(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.send_response(status)
@@ -354,14 +353,14 @@ class _Handler(BaseHTTPRequestHandler):
             if k.lower() not in ("content-length", "date", "server"):
                 self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
         half = body[: len(body) // 2]
+        self._log(status, len(half))
+        self.end_headers()
         self.wfile.write(half)
         self.wfile.flush()
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        self._log(status, len(half))
 
     def _log(self, status: int, sent: int) -> None:
         self.owner._record(Recorded(self.command, self.path, self.headers.get("Range"), status, sent,

@@ -1,0 +1,278 @@
+"""RegistrySource against a real docker-registry: ranges, multi-range, fallbacks, redirects, retries."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from sourcekit import REPO, SMALL, Blobs, config_for, run
+
+from fusefs.errors import BlobNotFound, SourceError, TransientSourceError
+from fusefs.sources.registry import RegistrySource, RegistrySourceFactory
+from fusefs.spec import LayerSpec
+from tests.harness.faultproxy import FaultProxy
+
+
+def random_ranges(rng: random.Random, size: int, n: int, max_len: int = 20000) -> list[tuple[int, int]]:
+    out = []
+    for _ in range(n):
+        length = rng.randint(1, max_len)
+        offset = rng.randint(0, size - length)
+        out.append((offset, length))
+    return out
+
+
+async def open_source(host: str, digest: str, tmp: Path, size: int | None = None,
+                      **cfg: object) -> tuple[RegistrySourceFactory, RegistrySource]:
+    factory = RegistrySourceFactory(config_for(tmp, **cfg))
+    source = await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=size))
+    return factory, source
+
+
+def blob_requests(proxy: FaultProxy) -> list[str | None]:
+    return [r.range for r in proxy.requests() if r.is_blob and r.method == "GET"]
+
+
+def test_random_ranges_and_multirange_match_the_blob(anon_registry: Blobs, proxy: FaultProxy,
+                                                     tmp_path: Path) -> None:
+    blob = anon_registry.large
+    rng = random.Random(7)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                                            coalesce_gap=0)
+        try:
+            assert await source.size() == len(blob)  # no size in the spec: HEAD
+            for _ in range(5):
+                ranges = random_ranges(rng, len(blob), rng.randint(1, 12))
+                got = await source.read_ranges(ranges)
+                assert got == [blob[o:o + n] for o, n in ranges]
+            edge = [(0, 1), (len(blob) - 1, 1), (len(blob) - 5000, 5000)]
+            assert await source.read_ranges(edge) == [blob[o:o + n] for o, n in edge]
+            assert not source.statistics().single_range_fallbacks
+        finally:
+            await factory.aclose()
+
+    run(body)
+    multi = [r for r in blob_requests(proxy) if r and "," in r]
+    assert multi, "no multi-range request was sent"
+
+
+def test_nearby_ranges_are_coalesced_into_one_request(anon_registry: Blobs, proxy: FaultProxy,
+                                                      tmp_path: Path) -> None:
+    blob = anon_registry.small
+    ranges = [(1000, 100), (1200, 50), (5000, 10), (200000, 300)]
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=len(blob), coalesce_gap=8192)
+        try:
+            assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
+        finally:
+            await factory.aclose()
+
+    run(body)
+    assert blob_requests(proxy) == ["bytes=1000-5009,200000-200299"]
+
+
+@pytest.mark.parametrize("which", ["small", "large"])
+def test_server_without_range_support(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path,
+                                      which: str) -> None:
+    blob = anon_registry.small if which == "small" else anon_registry.large
+    digest = anon_registry.small_digest if which == "small" else anon_registry.large_digest
+    proxy.strip_range()
+    ranges = random_ranges(random.Random(3), len(blob), 6, 4000)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, digest, tmp_path, size=len(blob), coalesce_gap=0)
+        try:
+            assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
+            if which == "large":
+                assert source.statistics().single_range_fallbacks >= 1
+        finally:
+            await factory.aclose()
+
+    run(body)
+    gets = [r for r in proxy.requests() if r.is_blob and r.method == "GET"]
+    assert all(r.status == 200 for r in gets)
+    if which == "large":
+        # The first (multi-range) answer was abandoned, then one request per range, each cut short
+        # once its range had arrived: never the whole 3 MiB blob per request.
+        assert len(gets) == 1 + len(ranges)
+        assert all(r.bytes <= len(blob) for r in gets)
+
+
+def test_server_ignoring_extra_ranges(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    blob = anon_registry.large
+    proxy.first_range_only()
+    ranges = [(10, 100), (500000, 100), (2000000, 70000)]
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                                            size=len(blob), coalesce_gap=0)
+        try:
+            assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
+            assert await source.read_ranges(ranges[1:]) == [blob[o:o + n] for o, n in ranges[1:]]
+        finally:
+            await factory.aclose()
+
+    run(body)
+    assert blob_requests(proxy) == ["bytes=10-109,500000-500099,2000000-2069999",
+                                    "bytes=500000-500099", "bytes=2000000-2069999",
+                                    "bytes=500000-500099", "bytes=2000000-2069999"]
+
+
+def test_expiring_redirect_target_is_resolved_again(anon_registry: Blobs, proxy: FaultProxy,
+                                                    tmp_path: Path) -> None:
+    blob = anon_registry.large
+    proxy.redirect_blobs(uses=3)
+    rng = random.Random(11)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                                            size=len(blob), max_ranges_per_request=1)
+        try:
+            for _ in range(10):
+                (off, n), = random_ranges(rng, len(blob), 1)
+                assert await source.read_ranges([(off, n)]) == [blob[off:off + n]]
+            assert source.statistics().redirects_resolved == 3
+        finally:
+            await factory.aclose()
+
+    run(body)
+    recs = [r for r in proxy.requests() if r.is_blob and r.method == "GET"]
+    registry_gets = [r for r in recs if r.path.startswith("/v2/")]
+    presigned = [r for r in recs if r.path.startswith("/_presigned/")]
+    # 10 reads: each redirect target serves 3, so 4 resolutions; 3 of them after a 403.
+    assert len(registry_gets) == 4 and all(r.status == 307 for r in registry_gets)
+    assert [r.status for r in presigned].count(403) == 3
+    assert [r.status for r in presigned].count(206) == 10
+
+
+def test_retries_recover_from_bursts(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    blob = anon_registry.small
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=len(blob), retries=4)
+        try:
+            proxy.fail_next(3, status=500)
+            assert await source.read_ranges([(100, 1000)]) == [blob[100:1100]]
+            proxy.fail_next(2, status=429, retry_after=0)
+            assert await source.read_ranges([(5000, 10)]) == [blob[5000:5010]]
+            proxy.drop_next(1)
+            assert await source.read_ranges([(0, 200000)]) == [blob[:200000]]
+            assert source.statistics().retries == 6
+        finally:
+            await factory.aclose()
+
+    run(body)
+    statuses = [r.status for r in proxy.requests() if r.is_blob]
+    assert statuses == [500, 500, 500, 206, 429, 429, 206, 206, 206]
+
+
+def test_persistent_failure_is_transient_error(anon_registry: Blobs, proxy: FaultProxy,
+                                               tmp_path: Path) -> None:
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=SMALL, retries=3)
+        try:
+            proxy.fail_next(100, status=503)
+            with pytest.raises(TransientSourceError, match=r"giving up after 3 attempts.*503"):
+                await source.read_ranges([(0, 10)])
+        finally:
+            await factory.aclose()
+
+    run(body)
+    assert len([r for r in proxy.requests() if r.is_blob]) == 3
+
+
+def test_missing_blob_is_not_found(anon_registry: Blobs, tmp_path: Path) -> None:
+    async def body() -> None:
+        factory, source = await open_source(anon_registry.host, "sha256:" + "0" * 64, tmp_path)
+        try:
+            with pytest.raises(BlobNotFound):
+                await source.read_ranges([(0, 10)])
+            with pytest.raises(BlobNotFound):
+                await source.size()
+        finally:
+            await factory.aclose()
+
+    run(body)
+
+
+def test_short_body_is_source_error(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=SMALL)
+        try:
+            proxy.truncate_next(100, drop_bytes=7)
+            with pytest.raises(SourceError, match="short body") as info:
+                await source.read_ranges([(0, 5000)])
+            assert not isinstance(info.value, TransientSourceError)
+        finally:
+            await factory.aclose()
+
+    run(body)
+
+
+def test_flipped_byte_reaches_the_caller_unverified(anon_registry: Blobs, proxy: FaultProxy,
+                                                    tmp_path: Path) -> None:
+    """The source does not verify (the caller does); the proxy's flip must show up exactly once."""
+    blob = anon_registry.small
+    proxy.flip_byte(anon_registry.small_digest, 1234)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=len(blob), coalesce_gap=0)
+        try:
+            a, b = await source.read_ranges([(1000, 500), (9000, 10)])
+        finally:
+            await factory.aclose()
+        assert b == blob[9000:9010]
+        assert a != blob[1000:1500]
+        diff = [i for i in range(500) if a[i] != blob[1000 + i]]
+        assert diff == [234] and a[234] == blob[1234] ^ 0xFF
+
+    run(body)
+
+
+def test_check_is_throttled(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=SMALL, check_interval=3600.0)
+        try:
+            await source.check()
+            await source.check()
+        finally:
+            await factory.aclose()
+        factory, source = await open_source(proxy.host, "sha256:" + "1" * 64, tmp_path)
+        try:
+            with pytest.raises(BlobNotFound):
+                await source.check()
+        finally:
+            await factory.aclose()
+
+    run(body)
+    heads = [r for r in proxy.requests() if r.method == "HEAD"]
+    assert [r.status for r in heads] == [200, 404]
+
+
+def test_untrusted_spec_is_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        factory = RegistrySourceFactory(config_for(tmp_path))
+        try:
+            for ref, digest in [("127.0.0.1:1/../etc:v1", "sha256:" + "a" * 64),
+                                ("127.0.0.1:1/ok:v1", "sha256:../../x"),
+                                ("127.0.0.1:1/ok?x=1", "sha256:" + "a" * 64)]:
+                with pytest.raises(SourceError):
+                    await factory.open(LayerSpec(ref=ref, digest=digest))
+            source = await factory.open(LayerSpec(ref="127.0.0.1:1/ok:v1", digest="sha256:" + "a" * 64,
+                                                  size=100))
+            with pytest.raises(SourceError, match="exceeds blob size"):
+                await source.read_ranges([(90, 20)])
+        finally:
+            await factory.aclose()
+
+    run(body)
