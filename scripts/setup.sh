@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(containerd runc docker-registry stargz-snapshotter skopeo umoci busybox-static
           fuse3 libfuse3-dev pkg-config gcc python3-dev erofs-utils iproute2 iptables jq curl attr
-          openssl systemd)
+          openssl systemd apache2-utils)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
