@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from ._chunks import Codec as Codec
 from ._chunks import decode_chunk as decode_chunk
+from ._extract import extract as extract
 from ._footer import MAX_FOOTER_SIZE as MAX_FOOTER_SIZE
 from ._footer import Footer as Footer
 from ._footer import FooterKind as FooterKind
@@ -66,10 +67,14 @@ from ._toc import TOC as TOC
 from ._toc import Chunk as Chunk
 from ._toc import Entry as Entry
 from ._toc import EntryType as EntryType
+from ._writer import ConvertResult as ConvertResult
+from ._writer import convert as convert
+from ._writer import convert_file as convert_file
 from .errors import ChunkDigestMismatch as ChunkDigestMismatch
 from .errors import ChunkError as ChunkError
 from .errors import EstargzError as EstargzError
 from .errors import FooterError as FooterError
+from .errors import InputError as InputError
 from .errors import NeedsExternalTOC as NeedsExternalTOC
 from .errors import TOCDigestMismatch as TOCDigestMismatch
 from .errors import TOCError as TOCError
@@ -86,17 +91,22 @@ __all__ = [
     "ChunkDigestMismatch",
     "ChunkError",
     "Codec",
+    "ConvertResult",
     "Entry",
     "EntryType",
     "EstargzError",
     "Footer",
     "FooterError",
     "FooterKind",
+    "InputError",
     "NeedsExternalTOC",
     "TOCDigestMismatch",
     "TOCError",
     "UnsupportedFormat",
+    "convert",
+    "convert_file",
     "decode_chunk",
+    "extract",
     "parse_footer",
     "parse_toc",
     "parse_toc_json",

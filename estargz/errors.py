@@ -7,7 +7,8 @@
     │   └── ChunkDigestMismatch decoded bytes do not match the digest the TOC vouches for
     ├── TOCDigestMismatch       the TOC does not match the digest the image manifest vouches for
     ├── NeedsExternalTOC        the footer says the TOC lives in a separate "TOC image"
-    └── UnsupportedFormat       a valid blob in a variant this library does not read
+    ├── UnsupportedFormat       a valid blob in a variant this library does not read
+    └── InputError              the writer's input tar is malformed or holds what eStargz cannot
 
 Messages name the field and, where there is one, the TOC entry (its index and name), so an
 operator can tell a truncated download from a lying TOC. Third-party exceptions (zlib, zstd,
@@ -21,6 +22,7 @@ __all__ = [
     "ChunkError",
     "EstargzError",
     "FooterError",
+    "InputError",
     "NeedsExternalTOC",
     "TOCDigestMismatch",
     "TOCError",
@@ -58,3 +60,7 @@ class NeedsExternalTOC(EstargzError):
 
 class UnsupportedFormat(EstargzError):
     """The blob is well formed but in a variant this library does not support."""
+
+
+class InputError(EstargzError):
+    """The tar given to the writer is malformed, escapes its root, or uses unsupported features."""

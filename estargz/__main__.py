@@ -1,0 +1,7 @@
+"""Entry point for ``python -m estargz``."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
