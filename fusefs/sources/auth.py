@@ -106,12 +106,15 @@ class Authenticator:
         return {"Authorization": f"Bearer {token}"}
 
     async def refused(self, host: str, repository: str, response: httpx.Response,
-                      sent: dict[str, str]) -> dict[str, str]:
+                      sent: dict[str, str], final: bool = False) -> dict[str, str]:
         """Handle a 401/403 and return the headers for one more try.
 
+        ``final`` says the request was already retried once with fresh credentials: the call
+        then only explains the refusal.
+
         Raises:
-            AuthError: no usable challenge, no credentials where they are required, or the
-                credentials were already the ones refused.
+            AuthError: no usable challenge, no credentials where they are required, the
+                credentials were already the ones refused, or ``final``.
         """
         status = response.status_code
         challenges = parse_challenges(", ".join(response.headers.get_list("www-authenticate")))
@@ -140,6 +143,9 @@ class Authenticator:
                 raise AuthError(f"registry {host} refused the credentials of user {creds.username!r} "
                                 f"({status})")
             return header
+        if final:
+            raise AuthError(f"registry {host} refused a fresh token for {repository} (HTTP {status}): "
+                            f"the token server granted no pull access")
         refused_token = sent_auth[len("Bearer "):] if sent_auth.startswith("Bearer ") else None
         token = await self._token(host, repository, challenge, refused=refused_token)
         if refused_token is not None and token == refused_token:

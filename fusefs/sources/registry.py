@@ -371,11 +371,11 @@ class RegistrySource:
                 url = endpoint.blob_url(repo, self._digest)
                 continue
             except _Refused as exc:
-                if refused:
-                    raise AuthError(f"registry {endpoint.netloc} refused access to {repo} "
-                                    f"(HTTP {exc.response.status_code}) after re-authenticating") from None
-                refused = True
-                headers.update(await auth.refused(endpoint.netloc, repo, exc.response, headers))
+                # A refusal of a request that carried no credentials does not count: refresh once.
+                had_auth = "Authorization" in headers
+                headers.update(await auth.refused(endpoint.netloc, repo, exc.response, headers,
+                                                  final=refused))
+                refused = refused or had_auth
                 continue
             break
         if reply.location is None:
