@@ -95,6 +95,7 @@ class LayerManager:
         self._resolving: set[str] = set()
         self._stopped = trio.Event()
         self._fuse_root = str(config.fuse.mountpoint)
+        self._closing = False
 
     @classmethod
     async def create(cls, config: FusefsConfig, nursery: trio.Nursery,
@@ -210,6 +211,7 @@ class LayerManager:
     async def aclose(self) -> None:
         """Unmount every layer, stop the FUSE session and wait for it to end."""
         global _session_active
+        self._closing = True
         for mountpoint in list(self._mounts):
             try:
                 await self.unmount(mountpoint)
@@ -333,10 +335,8 @@ class LayerManager:
         self.cache.unpin(layer.digest)
         self._checked.pop(layer.digest, None)
         self._opening.pop(layer.digest, None)
-        try:
+        if not self._closing:  # the session is about to end: nothing left to invalidate
             pyfuse3.invalidate_entry_async(ROOT_INODE, layer.name, ignore_enoent=True)
-        except Exception:  # the kernel may not know the entry; nothing to invalidate
-            log.debug("invalidate_entry of %s failed", layer.name, exc_info=True)
         await layer.fetcher.source.aclose()
         log.info("layer %s no longer served", layer.digest)
 

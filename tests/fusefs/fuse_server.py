@@ -1,0 +1,102 @@
+"""Runs one LayerManager (one FUSE session) in its own process for the mount tests.
+
+Usage: ``python3 fuse_server.py '<json config>'``. Config keys: ``fuse`` (session mountpoint),
+``cache`` (cache dir), ``cache_max`` (bytes), ``roots`` (blob dirs for FileSourceFactory),
+``prefetch``/``background`` (bools), ``failure_ttl`` (seconds). Once the session is mounted it
+prints ``READY`` and then answers one JSON line per command line read on stdin:
+
+    mount <json {"digest", "toc_digest", "mountpoint", "size"?}>   → {"ok": true} or {"error": ...}
+    unmount <mountpoint>
+    stats <digest>          → source counters, fetch and cache statistics
+    quit                    → unmounts everything, stops the session, exits 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from fusefs.config import CacheConfig, FetchConfig, FuseConfig, FusefsConfig, PrefetchConfig
+from fusefs.errors import LayerError
+from fusefs.manager import LayerManager
+from fusefs.sources.file import FileSource, FileSourceFactory
+from fusefs.spec import LayerSpec
+
+
+class _CountingFactory(FileSourceFactory):
+    """FileSourceFactory that keeps its sources, so ``stats`` can report what they read."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        super().__init__(roots)
+        self.sources: dict[str, list[FileSource]] = {}
+
+    async def open(self, spec: LayerSpec) -> FileSource:
+        source = await super().open(spec)
+        self.sources.setdefault(spec.digest, []).append(source)
+        return source
+
+
+async def _serve(cfg: dict[str, Any]) -> None:
+    config = FusefsConfig(
+        cache=CacheConfig(Path(cfg["cache"]), max_bytes=int(cfg.get("cache_max", 1 << 30)), fsync=False),
+        fuse=FuseConfig(Path(cfg["fuse"])),
+        fetch=FetchConfig(failure_ttl=float(cfg.get("failure_ttl", 2.0))),
+        prefetch=PrefetchConfig(prefetch=bool(cfg.get("prefetch", False)),
+                                background=bool(cfg.get("background", False))),
+    )
+    factory = _CountingFactory([Path(r) for r in cfg["roots"]])
+    async with trio.open_nursery() as nursery:
+        manager = await LayerManager.create(config, nursery, factory)
+        print("READY", flush=True)
+        stdin = trio.wrap_file(sys.stdin)
+        while True:
+            line = (await stdin.readline()).strip()
+            if not line or line == "quit":
+                break
+            cmd, _, arg = line.partition(" ")
+            try:
+                reply = await _command(manager, factory, cmd, arg)
+            except LayerError as exc:
+                reply = {"error": type(exc).__name__, "message": str(exc)}
+            print(json.dumps(reply), flush=True)
+        await manager.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _command(manager: LayerManager, factory: _CountingFactory, cmd: str, arg: str) -> dict[str, Any]:
+    if cmd == "mount":
+        req = json.loads(arg)
+        spec = LayerSpec(ref="test.local/fixture:latest", digest=req["digest"], size=req.get("size"),
+                         toc_digest=req.get("toc_digest"), prefetch_size=req.get("prefetch_size"))
+        await manager.mount(spec, req["mountpoint"])
+        return {"ok": True, "path": manager.layer_path(req["digest"])}
+    if cmd == "unmount":
+        await manager.unmount(arg)
+        return {"ok": True}
+    if cmd == "stats":
+        sources = factory.sources.get(arg, [])
+        fetcher = manager.fetcher(arg)
+        return {
+            "source_calls": sum(s.counters.calls for s in sources),
+            "source_ranges": sum(s.counters.ranges for s in sources),
+            "history": [list(h) for s in sources for h in s.history],
+            "fetch": dataclasses.asdict(fetcher.statistics()) if fetcher else None,
+            "cache": dataclasses.asdict(manager.cache.statistics()),
+        }
+    return {"error": "unknown command", "message": cmd}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trio.run(_serve, json.loads(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
