@@ -12,11 +12,22 @@ if _REPO not in sys.path:
 
 from tests.harness.fixtures import (  # noqa: E402
     containerd,
+    estargz_image,
     lazysnapd,
     make_containerd,
     make_lazysnapd,
+    ranged_registry,
     registry,
     test_image,
 )
 
-__all__ = ["containerd", "lazysnapd", "make_containerd", "make_lazysnapd", "registry", "test_image"]
+__all__ = [
+    "containerd",
+    "estargz_image",
+    "lazysnapd",
+    "make_containerd",
+    "make_lazysnapd",
+    "ranged_registry",
+    "registry",
+    "test_image",
+]

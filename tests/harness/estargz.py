@@ -36,6 +36,7 @@ class EstargzImage:
     layer_digests: list[str]
     layer_sizes: list[int]
     toc_digests: list[str]
+    diff_ids: list[str]
     manifest: dict[str, object]
 
 
@@ -73,7 +74,11 @@ def convert_estargz(containerd: Containerd, src_ref: str, dst_ref: str,
     tocs = [str(layer.get("annotations", {}).get(TOC_DIGEST_ANNOTATION, "")) for layer in layers]
     if not all(tocs):
         raise HarnessError(f"{dst_ref}: a layer lacks the {TOC_DIGEST_ANNOTATION} annotation")
+    cfg = httpx.get(f"http://{host}/v2/{name}/blobs/{manifest['config']['digest']}", timeout=10)
+    cfg.raise_for_status()
+    diff_ids = [str(d) for d in json.loads(cfg.content)["rootfs"]["diff_ids"]]
     return EstargzImage(
         ref=dst_ref, manifest_digest="sha256:" + hashlib.sha256(r.content).hexdigest(),
         layer_digests=[str(layer["digest"]) for layer in layers],
-        layer_sizes=[int(layer["size"]) for layer in layers], toc_digests=tocs, manifest=manifest)
+        layer_sizes=[int(layer["size"]) for layer in layers], toc_digests=tocs, diff_ids=diff_ids,
+        manifest=manifest)

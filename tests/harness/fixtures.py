@@ -7,6 +7,9 @@
 - `test_image` (session): the busybox test image, built and pushed once (`BuiltImage`).
 - `make_lazysnapd(config=None)` / `lazysnapd`: a lazysnapd with its own root and socket per test.
   Fails the test (never skips) when lazysnapd is missing or does not start.
+- `ranged_registry` (session): a second registry behind the Range-logging proxy, and
+  `estargz_image` (session): the test image pushed there plus its eStargz copy
+  (`(BuiltImage, EstargzImage)`, converted in a throwaway containerd), for lazy-pull tests.
 - `make_containerd(proxy_socket=..., cri=...)` / `containerd`: a private containerd per test;
   `containerd` is wired to `lazysnapd` (proxy plugin "lazysnap") and knows `registry`.
 
@@ -23,12 +26,22 @@ from typing import Any
 import pytest
 
 from .containerd import Containerd
+from .estargz import EstargzImage, convert_estargz
 from .image import BuiltImage, build_image
 from .lazysnapd import Lazysnapd
 from .procs import HarnessError, remove_tree, short_tempdir
 from .registry import Registry
 
-__all__ = ["containerd", "lazysnapd", "make_containerd", "make_lazysnapd", "registry", "test_image"]
+__all__ = [
+    "containerd",
+    "estargz_image",
+    "lazysnapd",
+    "make_containerd",
+    "make_lazysnapd",
+    "ranged_registry",
+    "registry",
+    "test_image",
+]
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +56,24 @@ def registry() -> Iterator[Registry]:
 def test_image(registry: Registry) -> Iterator[BuiltImage]:
     work = short_tempdir("lzs-img-")
     yield build_image(work, registry)
+    remove_tree(work)
+
+
+@pytest.fixture(scope="session")
+def ranged_registry() -> Iterator[Registry]:
+    work = short_tempdir("lzs-rreg-")
+    with Registry(work, log_ranges=True) as reg:
+        yield reg
+    remove_tree(work)
+
+
+@pytest.fixture(scope="session")
+def estargz_image(ranged_registry: Registry) -> Iterator[tuple[BuiltImage, EstargzImage]]:
+    work = short_tempdir("lzs-esgz-")
+    img = build_image(work / "image", ranged_registry)
+    with Containerd(work / "convert") as builder:
+        esgz = convert_estargz(builder, img.ref, f"{ranged_registry.host}/{img.name}:esgz")
+    yield img, esgz
     remove_tree(work)
 
 

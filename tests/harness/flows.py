@@ -53,21 +53,31 @@ gone.txt-whited-out
 def pull_and_check_snapshots(ctd: Containerd, image: BuiltImage, snapshotter: str) -> None:
     """Pull with `snapshotter`; its committed snapshots must be exactly the image's chain ids."""
     ctd.pull(image.ref, snapshotter)
+    check_committed_chain(ctd, image.diff_ids, snapshotter)
+
+
+def check_committed_chain(ctd: Containerd, diff_ids: list[str], snapshotter: str) -> None:
+    """The snapshotter holds exactly the committed chain for these layers, parents in order."""
     rows = ctd.snapshots(snapshotter)
-    chain = chain_ids(image.diff_ids)
+    chain = chain_ids(diff_ids)
     assert sorted(key for key, _, _ in rows) == sorted(chain), rows
     parents = {key: parent for key, parent, _ in rows}
     assert [parents[c] for c in chain] == ["", *chain[:-1]]
     assert {kind for _, _, kind in rows} == {"Committed"}
 
 
-def run_and_compare_tree(ctd: Containerd, image: BuiltImage, snapshotter: str) -> None:
-    """`ctr run --rm`: the container sees exactly the image's merged tree and the probe output."""
-    listing = ctd.run(image.ref, ["sh", "-c", listing_script(TOPS)], snapshotter)
+def run_and_compare_tree(ctd: Containerd, image: BuiltImage, snapshotter: str,
+                         ref: str | None = None) -> None:
+    """`ctr run --rm`: the container sees exactly the image's merged tree and the probe output.
+
+    `ref` runs another image with the same content (e.g. its eStargz copy) instead of `image.ref`.
+    """
+    ref = ref or image.ref
+    listing = ctd.run(ref, ["sh", "-c", listing_script(TOPS)], snapshotter)
     observed = parse_listing(listing)
     assert len(observed) > 250, listing[-2000:]
     assert diff_trees(image.expected, observed, TOPS) == []
-    assert ctd.run(image.ref, ["sh", "-c", PROBE], snapshotter) == PROBE_OUT
+    assert ctd.run(ref, ["sh", "-c", PROBE], snapshotter) == PROBE_OUT
 
 
 def check_xattr_and_copy_up(ctd: Containerd, image: BuiltImage, snapshotter: str) -> None:
@@ -89,7 +99,8 @@ def check_xattr_and_copy_up(ctd: Containerd, image: BuiltImage, snapshotter: str
     assert ctd.run(image.ref, ["cat", "/data/layer1.txt"], snapshotter) == "hello from layer 1\n"
 
 
-def remove_image_and_gc(ctd: Containerd, image: BuiltImage, snapshotter: str) -> None:
+def remove_image_and_gc(ctd: Containerd, image: BuiltImage, snapshotter: str,
+                        ref: str | None = None) -> None:
     """`ctr image rm --sync` runs containerd's GC: every snapshot of the image must go."""
-    ctd.ctr("image", "rm", "--sync", image.ref)
+    ctd.ctr("image", "rm", "--sync", ref or image.ref)
     assert ctd.snapshots(snapshotter) == []
