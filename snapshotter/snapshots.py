@@ -90,9 +90,18 @@ class Snapshots:
         return self._create(Kind.VIEW, key, parent, labels_)
 
     def _create(self, kind: Kind, key: str, parent: str, labels_: dict[str, str]) -> list[Mount]:
+        self._check_parent(parent)
         rec, chain = self._create_record(kind, key, parent, labels_)
-        self._check_remote_chain(chain)
         return compose(self.layout, self.overlay, kind, rec.id, [r.id for r in chain])
+
+    def _check_parent(self, parent: str) -> None:
+        """Unavailable if a remote layer in ``parent``'s chain is not served (checked before creating)."""
+        if not parent or self.layerfs is None:
+            return
+        with self.store.read() as tx:
+            prec = tx.find(parent)
+            chain = [prec, *self._chain(tx, prec)] if prec is not None else []
+        self._check_remote_chain(chain)
 
     def _create_record(self, kind: Kind, key: str, parent: str,
                        labels_: dict[str, str]) -> tuple[Record, list[Record]]:
@@ -151,8 +160,8 @@ class Snapshots:
             existing = tx.find(target)
         if existing is not None and existing.kind == Kind.COMMITTED:
             raise AlreadyExists(f"target snapshot {target!r} already exists")
+        self._check_parent(parent)
         rec, chain = self._create_record(Kind.ACTIVE, key, parent, labels_)
-        self._check_remote_chain(chain)
         mountpoint = self.layout.fs(rec.id)
         assert self.layerfs is not None
         try:
@@ -172,7 +181,7 @@ class Snapshots:
             # to remove, and the error goes back as is (no fallback once a layer was mounted).
             self._unmount_quietly(mountpoint)
             raise
-        log.info("remote snapshot committed", extra={"key": key, "name": target, "digest": spec.digest,
+        log.info("remote snapshot committed", extra={"key": key, "snapshot": target, "digest": spec.digest,
                                                      REMOTE_PREPARED_LOG_KEY: True})
         raise AlreadyExists(f"target snapshot {target!r}")
 
@@ -216,10 +225,10 @@ class Snapshots:
                 await self.layerfs.mount(spec, mountpoint)
             except Exception as exc:
                 log.error("could not restore remote snapshot",
-                          extra={"name": rec.key, "mountpoint": mountpoint,
+                          extra={"snapshot": rec.key, "mountpoint": mountpoint,
                                  "reason": f"{type(exc).__name__}: {exc}"})
             else:
-                log.info("remote snapshot restored", extra={"name": rec.key, "mountpoint": mountpoint})
+                log.info("remote snapshot restored", extra={"snapshot": rec.key, "mountpoint": mountpoint})
 
     # -- queries and updates ----------------------------------------------------------------
 
