@@ -34,8 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--prioritize", metavar="FILE", help="paths to put first: one per line, or JSON lines "
-                   'with a "path" key (ctr-remote --estargz-record-in format)')
+    p.add_argument(
+        "--prioritize",
+        metavar="FILE",
+        help="paths to put first: one per line, or JSON lines "
+        'with a "path" key (ctr-remote --estargz-record-in format)',
+    )
     p.add_argument("--zstdchunked", action="store_true", help="write zstd:chunked instead of eStargz")
     p.add_argument("--level", type=int, help="compression level (gzip default 9, zstd default 3)")
     for q in sub.choices.values():
@@ -107,7 +111,9 @@ def _ls(reader: BlobReader) -> int:
             detail = f"{major}:{minor}"
         else:
             detail = ""
-        print(f"{kind.label}\t{toc.mode(i):04o}\t{toc.uid(i)}\t{toc.gid(i)}\t{toc.size(i)}\t{detail}\t{toc.path(i)}")
+        print(
+            f"{kind.label}\t{toc.mode(i):04o}\t{toc.uid(i)}\t{toc.gid(i)}\t{toc.size(i)}\t{detail}\t{toc.path(i)}"
+        )
     return 0
 
 

@@ -399,8 +399,7 @@ class _Builder:
         file_off = _uint(e, "chunkOffset", _MAX_U63)
         if file_off != self.current_end or file_off >= size:
             raise ValueError(
-                f"chunkOffset {file_off} does not continue the file at {self.current_end} "
-                f"(file size {size})"
+                f"chunkOffset {file_off} does not continue the file at {self.current_end} (file size {size})"
             )
         csize = _uint(e, "chunkSize", _MAX_U63) or size - file_off
         if csize > size - file_off:

@@ -163,6 +163,8 @@ def _unzstd_toc(data: bytes, footer: Footer, limit: int) -> bytes:
     except zstandard.ZstdError as exc:
         raise TOCError(f"TOC zstd frame is corrupt: {exc}") from None
     if len(out) != size:
-        raise TOCError(f"TOC decompresses to {'more than ' if len(out) > size else ''}{len(out)} bytes, "
-                       f"the footer says {size}")
+        raise TOCError(
+            f"TOC decompresses to {'more than ' if len(out) > size else ''}{len(out)} bytes, "
+            f"the footer says {size}"
+        )
     return bytes(out)

@@ -357,9 +357,28 @@ class TOC:
         """Sizes of the index's buffers in bytes (for benchmarks and metrics)."""
         total = len(self._name_blob) + len(self._link_blob) + len(self._digest) + len(self._chunk_digest)
         for name in (
-            "_type", "_mode", "_uid", "_gid", "_uname", "_gname", "_size", "_mtime", "_mtime_nsec",
-            "_dev", "_parent", "_link", "_name_off", "_link_off", "_chunk_start", "_chunk_file_off",
-            "_chunk_size", "_chunk_off", "_chunk_end", "_chunk_inner", "_chunk_flags", "_child_start",
+            "_type",
+            "_mode",
+            "_uid",
+            "_gid",
+            "_uname",
+            "_gname",
+            "_size",
+            "_mtime",
+            "_mtime_nsec",
+            "_dev",
+            "_parent",
+            "_link",
+            "_name_off",
+            "_link_off",
+            "_chunk_start",
+            "_chunk_file_off",
+            "_chunk_size",
+            "_chunk_off",
+            "_chunk_end",
+            "_chunk_inner",
+            "_chunk_flags",
+            "_child_start",
             "_child_list",
         ):
             arr: array[int] = getattr(self, name)

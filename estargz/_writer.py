@@ -46,6 +46,7 @@ DEFAULT_ZSTD_LEVEL = 3
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 _LANDMARK_CONTENT = b"\x0f"
+_RESERVED = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME})
 _BLOCK = 512
 _COPY = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -196,6 +197,10 @@ def _spool_members(src: IO[bytes], spool: IO[bytes]) -> list[_Member]:
                 if info.type not in _TYPES:
                     raise InputError(f"tar entry {info.name!r} has unsupported type {info.type!r} (sparse?)")
                 path = _clean(info.name, "tar entry")
+                if path in _RESERVED:
+                    raise InputError(
+                        f"tar entry {info.name!r} uses a name eStargz reserves at the layer root"
+                    )
                 offset = spool.tell()
                 if info.isreg() and info.size:
                     f = tar.extractfile(info)
