@@ -252,9 +252,10 @@ class Containerd:
         res = self.ctr("run", "--rm", "--snapshotter", snapshotter, *extra, ref, cid, *cmd, timeout=timeout)
         return res.stdout
 
-    def snapshots(self, snapshotter: str) -> list[tuple[str, str, str]]:
-        """`ctr snapshots --snapshotter S ls` as (key, parent, kind) rows."""
-        out = self.ctr("snapshots", "--snapshotter", snapshotter, "ls").stdout.splitlines()
+    def snapshots(self, snapshotter: str, namespace: str | None = None) -> list[tuple[str, str, str]]:
+        """`ctr snapshots --snapshotter S ls` as (key, parent, kind) rows (CRI uses "k8s.io")."""
+        out = self.ctr_in(namespace or self.namespace, "snapshots", "--snapshotter", snapshotter,
+                          "ls").stdout.splitlines()
         rows = []
         for line in out[1:]:
             parts = line.split()

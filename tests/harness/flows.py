@@ -56,9 +56,10 @@ def pull_and_check_snapshots(ctd: Containerd, image: BuiltImage, snapshotter: st
     check_committed_chain(ctd, image.diff_ids, snapshotter)
 
 
-def check_committed_chain(ctd: Containerd, diff_ids: list[str], snapshotter: str) -> None:
+def check_committed_chain(ctd: Containerd, diff_ids: list[str], snapshotter: str,
+                          namespace: str | None = None) -> None:
     """The snapshotter holds exactly the committed chain for these layers, parents in order."""
-    rows = ctd.snapshots(snapshotter)
+    rows = ctd.snapshots(snapshotter, namespace)
     chain = chain_ids(diff_ids)
     assert sorted(key for key, _, _ in rows) == sorted(chain), rows
     parents = {key: parent for key, parent, _ in rows}
