@@ -365,8 +365,11 @@ class RegistrySource:
             try:
                 reply = await self._exchange(client, method, url, headers, spans, expired_ok=False)
             except _ConnectFailed as exc:
+                if _certificate_error(exc):
+                    raise SourceError(f"TLS certificate of {endpoint.netloc} not trusted: "
+                                      f"{_certificate_error(exc)}") from exc
                 if not endpoint.plain_http_fallback:
-                    raise TransientSourceError(str(exc)) from exc
+                    raise
                 endpoint = self._factory.fall_back_to_plain_http(endpoint)
                 url = endpoint.blob_url(repo, self._digest)
                 continue
@@ -558,6 +561,21 @@ def _summarise(digest: str, errors: list[SourceError]) -> SourceError:
     if auth:
         return AuthError(detail)
     return SourceError(detail)
+
+
+def _certificate_error(exc: BaseException) -> str | None:
+    """The certificate verification failure somewhere in ``exc``'s chain, if there is one."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return e.verify_message or str(e)
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 def _content_length(resp: httpx.Response) -> int | None:

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -55,10 +56,11 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def push_blob(host: str, repo: str, data: bytes, headers: dict[str, str] | None = None) -> str:
-    """Monolithic upload (POST then PUT ?digest=) over plain HTTP; returns the digest."""
+def push_blob(host: str, repo: str, data: bytes, headers: dict[str, str] | None = None,
+              scheme: str = "http", verify: ssl.SSLContext | bool = True) -> str:
+    """Monolithic upload (POST then PUT ?digest=); returns the digest."""
     digest = digest_of(data)
-    with httpx.Client(base_url=f"http://{host}", headers=headers or {}, timeout=30) as c:
+    with httpx.Client(base_url=f"{scheme}://{host}", headers=headers or {}, timeout=30, verify=verify) as c:
         r = c.post(f"/v2/{repo}/blobs/uploads/")
         assert r.status_code == 202, r.text
         location = r.headers["location"]
@@ -265,32 +267,12 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRe
     tokens = TokenServer(key, der, "lazysnap-issuer", "lazysnap-registry", {USER: PASSWORD}).start()
     daemon: Daemon | None = None
     try:
-        for _attempt in range(3):
-            port = free_port()
-            cfg = workdir / "registry.yml"
-            cfg.write_text(
-                "version: 0.1\nlog:\n  level: warn\n"
-                f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
-                f"http:\n  addr: 127.0.0.1:{port}\n  secret: lazysnap-test\n"
-                f"auth:\n  token:\n    realm: {tokens.realm}\n    service: {tokens.service}\n"
-                f"    issuer: {tokens.issuer}\n    rootcertbundle: {cert}\n")
-            daemon = Daemon(f"registry-{port}", ["/usr/bin/docker-registry", "serve", str(cfg)], workdir)
+        def config(port: int) -> str:
+            return (f"auth:\n  token:\n    realm: {tokens.realm}\n    service: {tokens.service}\n"
+                    f"    issuer: {tokens.issuer}\n    rootcertbundle: {cert}\n")
 
-            def answers(port: int = port, d: Daemon = daemon) -> bool:
-                d.check_alive()
-                try:
-                    return httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 401
-                except httpx.TransportError:
-                    return False
-
-            try:
-                wait_until(answers, 20, "token-auth registry")
-                break
-            except HarnessError:
-                daemon.stop()
-                daemon = None
-        if daemon is None:
-            raise HarnessError("token-auth registry did not start")
+        daemon, port = start_registry(workdir, config, lambda port: httpx.get(
+            f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 401)
         host = f"127.0.0.1:{port}"
         push = tokens.issue(USER, [f"repository:{REPO}:pull,push"])["token"]
         blob = blob_bytes(SMALL, 3)
@@ -301,6 +283,37 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRe
         if daemon is not None:
             daemon.stop(grace=5)
         tokens.stop()
+
+
+def start_registry(workdir: Path, extra_yaml: Callable[[int], str], answers: Callable[[int], bool]
+                   ) -> tuple[Daemon, int]:
+    """Start docker-registry on a free loopback port with ``extra_yaml(port)`` appended to its
+    config; ``answers(port)`` says when it is up. The caller stops the returned Daemon."""
+    for _attempt in range(3):  # the free port can be taken between probe and bind
+        port = free_port()
+        cfg = workdir / f"registry-{port}.yml"
+        cfg.write_text(
+            "version: 0.1\nlog:\n  level: warn\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n  secret: lazysnap-test\n" + extra_yaml(port))
+        daemon = Daemon(f"registry-{port}", ["/usr/bin/docker-registry", "serve", str(cfg)], workdir)
+
+        def up(port: int = port, d: Daemon = daemon) -> bool:
+            d.check_alive()
+            try:
+                return answers(port)
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_until(up, 20, f"registry on 127.0.0.1:{port}")
+            return daemon, port
+        except HarnessError:
+            tail = daemon.log_tail()
+            daemon.stop()
+            if "address already in use" not in tail:
+                raise
+    raise HarnessError("registry: no free port after 3 attempts")
 
 
 def helper_script(bindir: Path, name: str, body: str) -> Path:
