@@ -183,7 +183,8 @@ class ChunkCache:
             log.warning("could not cache chunk %s of layer %s: %s", key, layer, exc)
             with self._lock:
                 self._total -= size
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return False
         with self._lock:
             entries = self._layers.setdefault(layer, {})
@@ -221,7 +222,8 @@ class ChunkCache:
             os.rename(tmp, path)
         except OSError as exc:
             log.warning("could not persist the index of %s: %s", layer_digest, exc)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def load_index(self, layer_digest: str) -> bytes | None:
         try:

@@ -1,0 +1,222 @@
+"""ChunkFetcher and prefetch over a real fixture blob: single flight, coalescing, failures, priority."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from fusefs import prefetch
+from fusefs.cache import ChunkCache
+from fusefs.config import CacheConfig, FetchConfig, PrefetchConfig
+from fusefs.errors import IntegrityError, SourceError
+from fusefs.fetch import ChunkFetcher, PriorityGate
+from fusefs.formats.estargz import read_estargz
+from fusefs.index import LayerIndex, NodeId
+from fusefs.sources.file import FileSource
+from tests.fusefs import contract
+from tests.fusefs.fixtures import layer_case
+
+# 1 MiB chunks: data/random-5MiB.bin is 6 chunks, adjacent in the blob
+CASE = layer_case("esgz-prefetch", 0)
+BIG = "data/random-5MiB.bin"
+
+
+class GatedSource(FileSource):
+    """A FileSource whose reads wait until the test opens the gate; counts calls itself."""
+
+    def __init__(self, path: Path, digest: str) -> None:
+        super().__init__(path, digest)
+        self.gate = trio.Event()
+        self.gate.set()
+        self.calls: list[tuple[tuple[int, int], ...]] = []
+        self.fail_with: Exception | None = None
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self.calls.append(tuple(ranges))
+        await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return await super().read_ranges(ranges)
+
+
+Setup = tuple[LayerIndex, GatedSource, ChunkFetcher]
+
+
+def _setup(tmp_path: Path, blob: Path | None = None, **fetch: float) -> Setup:
+    source = GatedSource(blob or CASE.blob, CASE.digest)
+    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    fetcher = ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(**fetch),  # type: ignore[arg-type]
+                           PriorityGate())
+    return index, source, fetcher
+
+
+def _node(index: LayerIndex, path: str) -> NodeId:
+    return next(n for p, n in index.walk() if p == path)
+
+
+def _expected(path: str) -> str:
+    return contract.load_tsv(CASE.expected).rows[path].content
+
+
+def test_concurrent_readers_of_one_missing_chunk_share_one_fetch(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path)
+    node = _node(index, BIG)
+    results: list[bytes] = []
+
+    async def reader(offset: int) -> None:
+        results.append(await fetcher.read(node, offset, 4096))
+
+    async def main() -> None:
+        source.gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(reader, 4096 * i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(source.calls) == 1  # one leader asked; nine wait on its flight
+            source.gate.set()
+
+    trio.run(main)
+    assert len(source.calls) == 1 and len(results) == 10
+    assert all(len(r) == 4096 for r in results)
+
+
+def test_adjacent_missing_chunks_are_one_range(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path)
+    node = _node(index, BIG)
+    size = index.attr(node).size
+    data = trio.run(fetcher.read, node, 0, size)
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == _expected(BIG)
+    assert len(source.calls) == 1 and len(source.calls[0]) == 1
+    ids = index.chunk_ids(node)
+    start, _ = index.chunk_blob_range(ids[0])
+    _, end = index.chunk_blob_range(ids[-1])
+    assert source.calls[0][0] == (start, end - start)
+    # a second read is all cache hits
+    assert trio.run(fetcher.read, node, 1 << 20, 10) == data[1 << 20:(1 << 20) + 10]
+    assert len(source.calls) == 1
+
+
+def test_coalescing_respects_the_range_limit(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path, max_range_bytes=2 << 20)
+    node = _node(index, BIG)
+    trio.run(fetcher.read, node, 0, index.attr(node).size)
+    assert len(source.calls) == 1
+    assert len(source.calls[0]) >= 3 and all(length <= 2 << 20 for _, length in source.calls[0])
+
+
+def test_cache_hit_path_does_not_checkpoint(tmp_path: Path) -> None:
+    index, _, fetcher = _setup(tmp_path)
+    node = _node(index, BIG)
+
+    async def main() -> None:
+        await fetcher.read(node, 0, 8192)
+        with trio.testing.assert_no_checkpoints():
+            await fetcher.read(node, 100, 4096)
+
+    trio.run(main)
+
+
+def test_bad_chunk_fails_fast_then_is_retried(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    data = bytearray(CASE.blob.read_bytes())
+    index0 = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    cid = index0.chunk_ids(_node(index0, BIG))[1]
+    start, _ = index0.chunk_blob_range(cid)
+    data[start + 100] ^= 0x40
+    bad.write_bytes(bytes(data))
+    index, source, fetcher = _setup(tmp_path, blob=bad, failure_ttl=0.3)
+    node = _node(index, BIG)
+
+    async def main() -> None:
+        with pytest.raises(IntegrityError):
+            await fetcher.read(node, 1 << 20, 10)
+        with pytest.raises(IntegrityError):  # remembered: no new request
+            await fetcher.read(node, 1 << 20, 10)
+        assert len(source.calls) == 1
+        assert not fetcher.is_cached(cid)
+        bad.write_bytes(CASE.blob.read_bytes())  # the source heals
+        await trio.sleep(0.35)
+        assert len(await fetcher.read(node, 1 << 20, 10)) == 10
+        assert len(source.calls) == 2 and fetcher.is_cached(cid)
+
+    trio.run(main)
+    # the chunk before it was fine and remains readable from its own fetch
+    assert fetcher.statistics().integrity_failures == 1
+
+
+def test_source_errors_reach_every_waiter(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path)
+    node = _node(index, BIG)
+    errors: list[Exception] = []
+
+    async def reader() -> None:
+        try:
+            await fetcher.read(node, 0, 10)
+        except SourceError as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        source.gate = trio.Event()
+        source.fail_with = SourceError("registry down")
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            source.gate.set()
+
+    trio.run(main)
+    assert len(errors) == 3 and len(source.calls) == 1
+
+
+def test_background_waits_for_on_demand_reads(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path)
+    node = _node(index, BIG)
+    order: list[str] = []
+
+    async def main() -> None:
+        source.gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async def on_demand() -> None:
+                await fetcher.read(node, 0, 10)
+                order.append("on-demand")
+
+            async def background() -> None:
+                await fetcher.ensure([index.chunk_ids(_node(index, "etc/hostname"))[0]], background=True)
+                order.append("background")
+
+            nursery.start_soon(on_demand)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(background)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(source.calls) == 1  # the background fetch has not been sent
+            source.gate.set()
+
+    trio.run(main)
+    assert sorted(order) == ["background", "on-demand"] and len(source.calls) == 2
+    big_start = index.chunk_blob_range(index.chunk_ids(node)[0])[0]
+    assert source.calls[0][0][0] == big_start  # the on-demand request went first
+
+
+def test_prefetch_then_background_fills_the_cache(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path)
+    assert index.prefetch_end == 14018  # the .prefetch.landmark of this fixture
+
+    trio.run(prefetch.run, fetcher, PrefetchConfig(background=False), None)
+    prefetched = [c for c in range(index.chunk_count) if fetcher.is_cached(c)]
+    assert prefetched and all(index.chunk_blob_range(c)[0] < 14018 for c in prefetched)
+    assert len(source.calls) == 1  # the prioritized prefix is one request
+
+    trio.run(prefetch.run, fetcher, PrefetchConfig(background_step_bytes=1 << 20), None)
+    assert all(fetcher.is_cached(c) for c in range(index.chunk_count))
+    calls = len(source.calls)
+    for _, node in index.walk():  # everything is now served from the cache
+        if stat.S_ISREG(index.attr(node).mode):
+            trio.run(fetcher.read, node, 0, index.attr(node).size)
+    assert len(source.calls) == calls
