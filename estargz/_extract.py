@@ -107,9 +107,13 @@ class _Extractor:
         toc = self.toc
         if self.privileged:
             os.chown(name, toc.uid(i), toc.gid(i), dir_fd=dir_fd, follow_symlinks=False)
-            proc = f"/proc/self/fd/{dir_fd}" + ("" if name == b"." else "/" + os.fsdecode(name))
             for key, value in toc.xattrs(i).items():
-                os.setxattr(proc, key, value, follow_symlinks=False)
+                if name == b".":
+                    os.setxattr(dir_fd, key, value)
+                else:  # the magic link resolves to the directory; ``name`` itself is not followed
+                    os.setxattr(
+                        f"/proc/self/fd/{dir_fd}/{os.fsdecode(name)}", key, value, follow_symlinks=False
+                    )
         os.chmod(name, toc.mode(i), dir_fd=dir_fd)
         sec, nsec = toc.mtime(i)
         ns = sec * 1_000_000_000 + nsec
