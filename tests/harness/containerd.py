@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,11 @@ class Containerd:
             self._daemon.check_alive()
             return self.address.exists() and self.ctr("version", check=False, timeout=5).returncode == 0
 
-        wait_until(ready, self.start_timeout, f"containerd on {self.address}", interval=0.1)
+        try:
+            wait_until(ready, self.start_timeout, f"containerd on {self.address}", interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __enter__(self) -> Containerd:
@@ -175,7 +180,11 @@ class Containerd:
         if self._daemon is None:
             return
         if self._daemon.alive():
-            self._remove_workloads()
+            try:
+                self._remove_workloads()
+            except (subprocess.TimeoutExpired, OSError) as exc:
+                # a hung snapshotter must not keep containerd running: stop it anyway
+                print(f"harness: containerd cleanup via ctr failed: {exc}", file=sys.stderr)
         self._daemon.stop(grace=15.0)
         for pid in self.shim_pids():
             with contextlib.suppress(ProcessLookupError):

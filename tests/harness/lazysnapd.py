@@ -77,7 +77,11 @@ class Lazysnapd:
             self._daemon.check_alive()
             return self.address.is_socket()
 
-        wait_until(ready, self.start_timeout, f"lazysnapd socket {self.address}")
+        try:
+            wait_until(ready, self.start_timeout, f"lazysnapd socket {self.address}")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def alive(self) -> bool:

@@ -123,6 +123,15 @@ class Registry:
         return cfg
 
     def start(self) -> Registry:
+        """Start the registry (and the proxy); on any failure stop what was started and raise."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):  # the free port can be taken between probe and bind
             port = free_port()
@@ -143,7 +152,6 @@ class Registry:
         if self.log_ranges:
             self._proxy = RangeLoggingProxy(self.direct_host, self.workdir / "proxy-access.jsonl")
             self.host = self._proxy.start()
-        return self
 
     def _answers(self) -> bool:
         assert self._daemon is not None
