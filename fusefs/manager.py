@@ -2,6 +2,7 @@
 
 API (satisfies the snapshotter's ``LayerFilesystem`` Protocol structurally)::
 
+    async with open_layer_manager(config, source_factory) as manager: ...   # for the daemon
     manager = await LayerManager.create(config: FusefsConfig, nursery, source_factory)
     await manager.mount(spec: LayerSpec, mountpoint: str)   # bind-mounts the layer tree
     await manager.check(mountpoint)                         # LayerError if no longer served
@@ -32,6 +33,8 @@ import errno
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pyfuse3
@@ -177,6 +180,8 @@ class LayerManager:
         layer = self._mounts.get(os.path.abspath(mountpoint))
         if layer is None or self._table.by_name(layer.name) is not layer:
             raise LayerError(f"{mountpoint} is not served by lazysnap")
+        if self._stopped.is_set():
+            raise LayerError("the FUSE session has ended")
         now = time.monotonic()
         if now - self._checked.get(layer.digest, -1e18) < self._config.check_interval:
             return
@@ -339,6 +344,20 @@ class LayerManager:
             pyfuse3.invalidate_entry_async(ROOT_INODE, layer.name, ignore_enoent=True)
         await layer.fetcher.source.aclose()
         log.info("layer %s no longer served", layer.digest)
+
+
+@asynccontextmanager
+async def open_layer_manager(config: FusefsConfig, source_factory: SourceFactory
+                             ) -> AsyncIterator[LayerManager]:
+    """Run a LayerManager for the duration of the block; on exit unmount all and stop FUSE."""
+    async with trio.open_nursery() as nursery:
+        manager = await LayerManager.create(config, nursery, source_factory)
+        try:
+            yield manager
+        finally:
+            with trio.CancelScope(shield=True):
+                await manager.aclose()
+            nursery.cancel_scope.cancel()
 
 
 def _prepare_mountpoint(mountpoint: Path) -> None:

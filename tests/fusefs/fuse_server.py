@@ -5,7 +5,9 @@ Usage: ``python3 fuse_server.py '<json config>'``. Config keys: ``fuse`` (sessio
 ``prefetch``/``background`` (bools), ``failure_ttl`` (seconds). Once the session is mounted it
 prints ``READY`` and then answers one JSON line per command line read on stdin:
 
-    mount <json {"digest", "toc_digest", "mountpoint", "size"?}>   → {"ok": true} or {"error": ...}
+    mount <json {"digest", "toc_digest", "mountpoint", "size"?, "neighbours"?}>
+                            → {"ok": true, "path": ...} or {"error": <class>, "message": ...}
+    check <mountpoint>
     unmount <mountpoint>
     stats <digest>          → source counters, fetch and cache statistics
     quit                    → unmounts everything, stops the session, exits 0
@@ -24,7 +26,7 @@ import trio
 
 from fusefs.config import CacheConfig, FetchConfig, FuseConfig, FusefsConfig, PrefetchConfig
 from fusefs.errors import LayerError
-from fusefs.manager import LayerManager
+from fusefs.manager import LayerManager, open_layer_manager
 from fusefs.sources.file import FileSource, FileSourceFactory
 from fusefs.spec import LayerSpec
 
@@ -51,8 +53,7 @@ async def _serve(cfg: dict[str, Any]) -> None:
                                 background=bool(cfg.get("background", False))),
     )
     factory = _CountingFactory([Path(r) for r in cfg["roots"]])
-    async with trio.open_nursery() as nursery:
-        manager = await LayerManager.create(config, nursery, factory)
+    async with open_layer_manager(config, factory) as manager:
         print("READY", flush=True)
         stdin = trio.wrap_file(sys.stdin)
         while True:
@@ -65,17 +66,19 @@ async def _serve(cfg: dict[str, Any]) -> None:
             except LayerError as exc:
                 reply = {"error": type(exc).__name__, "message": str(exc)}
             print(json.dumps(reply), flush=True)
-        await manager.aclose()
-        nursery.cancel_scope.cancel()
 
 
 async def _command(manager: LayerManager, factory: _CountingFactory, cmd: str, arg: str) -> dict[str, Any]:
     if cmd == "mount":
         req = json.loads(arg)
         spec = LayerSpec(ref="test.local/fixture:latest", digest=req["digest"], size=req.get("size"),
-                         toc_digest=req.get("toc_digest"), prefetch_size=req.get("prefetch_size"))
+                         toc_digest=req.get("toc_digest"), prefetch_size=req.get("prefetch_size"),
+                         neighbours=tuple(req.get("neighbours", ())))
         await manager.mount(spec, req["mountpoint"])
         return {"ok": True, "path": manager.layer_path(req["digest"])}
+    if cmd == "check":
+        await manager.check(arg)
+        return {"ok": True}
     if cmd == "unmount":
         await manager.unmount(arg)
         return {"ok": True}

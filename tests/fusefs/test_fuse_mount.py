@@ -188,3 +188,30 @@ def test_unverifiable_layer_is_refused_and_mountpoint_left_clean(work: Path) -> 
         assert os.listdir(work / "fuse") == []
         assert server.mount(case, work / "l1")["ok"]
     _assert_clean_log(server)
+
+
+def test_neighbours_shared_mounts_and_check(work: Path) -> None:
+    layer0, layer1 = layer_case("esgz-default", 0), layer_case("esgz-default", 1)
+    with FuseServer(work, [FIXTURES / "esgz-default"]) as server:
+        assert server.mount(layer1, work / "l1", neighbours=[layer0.digest, layer1.digest])["ok"]
+        persisted = work / "cache" / "indexes" / layer0.blob.name
+        deadline = time.monotonic() + 20
+        while not persisted.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert persisted.exists()
+        before = server.stats(layer0)["source_calls"]
+        assert before > 0  # the neighbour's index was fetched ahead of its mount
+        assert server.mount(layer0, work / "a")["ok"]
+        assert server.stats(layer0)["source_calls"] == before  # and its mount needed no request
+
+        # one digest at two mountpoints shares one served tree
+        assert server.mount(layer0, work / "b")["ok"]
+        hello = [os.stat(work / m / "bin" / "hello.sh").st_ino for m in ("a", "b")]
+        assert hello[0] == hello[1]
+        assert server.cmd(f"check {work / 'a'}") == {"ok": True}
+        assert server.cmd(f"unmount {work / 'a'}") == {"ok": True}
+        assert (work / "b" / "etc" / "hostname").read_bytes() == b"fixture\n"
+        assert server.cmd(f"check {work / 'b'}") == {"ok": True}
+        assert server.cmd(f"check {work / 'a'}")["error"] == "LayerError"
+        assert server.mount(layer0, work / "b")["error"] == "LayerError"  # already mounted there
+    _assert_clean_log(server)
