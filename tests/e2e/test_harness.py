@@ -21,7 +21,7 @@ from tests.harness.flows import (
     run_and_compare_tree,
 )
 from tests.harness.image import build_image
-from tests.harness.procs import remove_tree
+from tests.harness.procs import mounts_below, remove_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -111,3 +111,14 @@ def test_cri_enabled_containerd_serves_image_service(make_containerd: Callable[.
         image_ref = cri.pull_image(test_image.ref)
         assert image_ref.startswith("sha256:")
         assert test_image.ref in cri.list_images()
+
+
+def test_stop_kills_tasks_and_unmounts(make_containerd: Callable[..., Containerd],
+                                       test_image: BuiltImage) -> None:
+    ctd = make_containerd()
+    ctd.pull(test_image.ref, "overlayfs")
+    ctd.ctr("run", "-d", "--snapshotter", "overlayfs", test_image.ref, "left-running", "sleep", "600")
+    assert ctd.shim_pids() and mounts_below(ctd.state)
+    ctd.stop()
+    assert ctd.shim_pids() == []
+    assert mounts_below(ctd.state) == [] and mounts_below(ctd.root) == []
