@@ -144,7 +144,7 @@ $busy"
   rm -rf --one-file-system "$STATEDIR" "$CONFDIR"
   if [ -d "$RUNDIR" ] && [ -z "$(mounts_below "$RUNDIR")" ]; then rm -rf --one-file-system "$RUNDIR"; fi
   say "purged $STATEDIR and $CONFDIR"
-else
+elif [ -e "$CONFDIR" ] || [ -e "$STATEDIR" ]; then
   say "kept $CONFDIR and $STATEDIR (--purge deletes them)"
 fi
 say "done"

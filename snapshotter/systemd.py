@@ -427,8 +427,8 @@ def bind_grpc_server(
     With ``listener`` (from :func:`pick_listener`), gRPC binds a private socket in a fresh 0700
     directory and a bridge thread relays connections accepted on the inherited listener; the
     listener's path and permissions stay as systemd made them. Without it, gRPC binds
-    ``address`` itself (replacing a stale socket file, never another kind of file) and the
-    socket is chmod'ed to ``mode``. Call from the thread that builds the server.
+    ``address`` itself with ``mode`` (replacing a stale socket file, never another kind of
+    file; the caller checks no live server owns it). Call from the thread that builds the server.
 
     Raises:
         OSError: the socket could not be bound (missing directory rights, path too long, a
@@ -436,9 +436,17 @@ def bind_grpc_server(
     """
     if listener is None:
         _prepare_socket_dir(address)
-        if server.add_insecure_port("unix:" + address) == 0:
-            raise OSError(errno.EADDRNOTAVAIL, "gRPC could not bind the unix socket", address)
-        os.chmod(address, mode)
+        # Bind inside a fresh 0700 directory, set the mode, then rename into place: nobody can
+        # connect before the mode is right, and no process-wide umask change races other threads.
+        staging = tempfile.mkdtemp(prefix=".lazysnap-bind-", dir=os.path.dirname(address) or ".")
+        try:
+            staged = os.path.join(staging, "s")
+            if server.add_insecure_port("unix:" + staged) == 0:
+                raise OSError(errno.EADDRNOTAVAIL, "gRPC could not bind the unix socket", address)
+            os.chmod(staged, mode)
+            os.replace(staged, address)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return GrpcEndpoint(address)
     private_dir = tempfile.mkdtemp(prefix="lazysnap-grpc-")
     target = os.path.join(private_dir, "grpc.sock")
