@@ -9,7 +9,8 @@ Public API (import from `tests.harness`):
   See `containerd.py`.
 - `Lazysnapd(workdir, config=None)`: the daemon under test; `address`, `root`, `snapshot_dirs()`.
   See `lazysnapd.py`.
-- `build_image(workdir, registry)`: the 3-layer busybox image, pushed; returns `BuiltImage` with
+- `build_image(workdir, registry)`: the 3-layer busybox image, pushed (to a `Registry` or a
+  `RemoteRegistry(host)`; CLI: `scripts/build-test-image HOST`); returns `BuiltImage` with
   the ref, layer digests, diff ids and the expected merged tree. See `image.py`.
 - `listing_script`, `parse_listing`, `diff_trees`: compare what a container sees with that tree.
 - `convert_estargz(containerd, src_ref, dst_ref)`: eStargz copy via ctr-remote, pushed.

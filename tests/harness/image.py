@@ -21,6 +21,8 @@ The image is written as an OCI image layout (`workdir/layout`) and pushed with
 
 from __future__ import annotations
 
+import argparse
+import base64
 import gzip
 import hashlib
 import io
@@ -29,18 +31,17 @@ import os
 import random
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httpx
 
 from .procs import HarnessError
 
-if TYPE_CHECKING:
-    from .registry import Registry
-
-__all__ = ["BuiltImage", "LayerEntry", "TreeEntry", "build_image", "image_layers"]
+__all__ = ["BuiltImage", "LayerEntry", "RegistryEndpoint", "RemoteRegistry", "TreeEntry", "build_image",
+           "image_layers"]
 
 BUSYBOX = Path("/bin/busybox")
 MTIME = 1_700_000_000
@@ -49,6 +50,32 @@ XATTR_VALUE = "xattr-from-layer-2"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+class RegistryEndpoint(Protocol):
+    """Where to push: a harness `Registry` or a `RemoteRegistry` (plain HTTP on loopback)."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def auth(self) -> tuple[str, str] | None: ...
+
+    def auth_header(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class RemoteRegistry:
+    """A registry the harness did not start (e.g. a benchmark's), reached over plain HTTP."""
+
+    host: str
+    auth: tuple[str, str] | None = None
+
+    def auth_header(self) -> dict[str, str]:
+        if self.auth is None:
+            return {}
+        token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
 
 
 @dataclass(frozen=True)
@@ -287,7 +314,7 @@ def write_oci_layout(layout: Path, layers: list[list[LayerEntry]], tag: str,
     return man_digest, cfg_digest, digests, sizes, diff_ids
 
 
-def push_layout(layout: Path, tag: str, registry: Registry, name: str) -> str:
+def push_layout(layout: Path, tag: str, registry: RegistryEndpoint, name: str) -> str:
     """`skopeo copy` the layout's TAG to the registry; return the manifest digest the registry holds."""
     argv = ["skopeo", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]
     if registry.auth is not None:
@@ -302,7 +329,7 @@ def push_layout(layout: Path, tag: str, registry: Registry, name: str) -> str:
     return r.headers["Docker-Content-Digest"]
 
 
-def build_image(workdir: Path, registry: Registry, name: str = "lazysnap/busybox", tag: str = "v1",
+def build_image(workdir: Path, registry: RegistryEndpoint, name: str = "lazysnap/busybox", tag: str = "v1",
                 big_file_size: int = 2 << 20) -> BuiltImage:
     """Build the test image under `workdir`, push it to `registry`, return what a test compares.
 
@@ -318,3 +345,28 @@ def build_image(workdir: Path, registry: Registry, name: str = "lazysnap/busybox
                       layout=layout, manifest_digest=man, config_digest=cfg, layer_digests=digests,
                       layer_sizes=sizes, diff_ids=diff_ids, expected=merge_layers(layers))
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m tests.harness.image HOST`: build the test image and push it to HOST."""
+    parser = argparse.ArgumentParser(prog="scripts/build-test-image", description=main.__doc__)
+    parser.add_argument("host", help="registry HOST:PORT (plain HTTP)")
+    parser.add_argument("--name", default="lazysnap/busybox")
+    parser.add_argument("--tag", default="v1")
+    parser.add_argument("--big-file-size", type=int, default=2 << 20, help="bytes of /data/big.bin")
+    parser.add_argument("--user", help="USER:PASSWORD for basic auth")
+    args = parser.parse_args(argv)
+    auth: tuple[str, str] | None = None
+    if args.user:
+        user, _, password = args.user.partition(":")
+        auth = (user, password)
+    with tempfile.TemporaryDirectory(prefix="lzs-build-") as tmp:
+        img = build_image(Path(tmp), RemoteRegistry(args.host, auth), args.name, args.tag,
+                          args.big_file_size)
+    print(json.dumps({"ref": img.ref, "manifest": img.manifest_digest, "layers": img.layer_digests,
+                      "sizes": img.layer_sizes, "diff_ids": img.diff_ids}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
