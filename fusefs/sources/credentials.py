@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -154,9 +155,12 @@ class CredentialStore:
         except FileNotFoundError as exc:
             raise AuthError(f"credential helper {program} is not installed") from exc
         try:
+            out: bytes | None = None
+            code = -1
             with trio.move_on_after(self._helper_timeout) as scope:
                 out = await _talk(proc, server.encode())
-                code = await proc.wait()
+                if out is not None:  # else it is still writing: killed below
+                    code = await proc.wait()
             if scope.cancelled_caught:
                 raise AuthError(f"credential helper {program} timed out after {self._helper_timeout}s")
         finally:
@@ -188,8 +192,10 @@ class CredentialStore:
 async def _talk(proc: trio.Process, data: bytes) -> bytes | None:
     """Write ``data`` to the helper's stdin, read its output; ``None`` if it exceeds the limit."""
     assert proc.stdin is not None and proc.stdout is not None
-    async with proc.stdin:
-        await proc.stdin.send_all(data)
+    # A helper may exit without reading its input (an error, or not needing it): not our failure.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        async with proc.stdin:
+            await proc.stdin.send_all(data)
     chunks: list[bytes] = []
     total = 0
     while True:
