@@ -13,10 +13,15 @@ Public API (import from `tests.harness`):
   `RemoteRegistry(host)`; CLI: `scripts/build-test-image HOST`); returns `BuiltImage` with
   the ref, layer digests, diff ids and the expected merged tree. See `image.py`.
 - `listing_script`, `parse_listing`, `diff_trees`: compare what a container sees with that tree.
-- `convert_estargz(containerd, src_ref, dst_ref)`: eStargz copy via ctr-remote, pushed.
+- `convert_estargz(containerd, src_ref, dst_ref)`: eStargz copy via ctr-remote, pushed; returns
+  `EstargzImage` (layer digests, sizes, TOC digests, diff ids).
 - `chain_ids(diff_ids)`: containerd's snapshot names for an image's layers.
-- pytest fixtures in `tests.harness.fixtures` (`registry`, `test_image`, `lazysnapd`,
-  `containerd`, `make_containerd`, `make_lazysnapd`); import them into a conftest.py.
+- `tests.harness.flows`: the reusable pull → snapshots → run/compare → xattr/copy-up → GC steps.
+- `tests.harness.cri.CriClient(containerd.address)`: CRI ImageService `pull_image`/`list_images`.
+- `tests.harness.demo`: what `scripts/demo` runs.
+- pytest fixtures in `tests.harness.fixtures` (`registry`, `test_image`, `ranged_registry`,
+  `estargz_image`, `lazysnapd`, `containerd`, `make_containerd`, `make_lazysnapd`); import them
+  into a conftest.py as tests/e2e/conftest.py does.
 
 Every class is a context manager, stops its processes by PID and unmounts what they left; use
 `short_tempdir(prefix)` for work dirs (socket paths must stay under 108 bytes). Everything raises
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from .containerd import Containerd, CriOptions
 from .estargz import EstargzImage, chain_ids, convert_estargz
-from .image import BuiltImage, LayerEntry, TreeEntry, build_image
+from .image import BuiltImage, LayerEntry, RemoteRegistry, TreeEntry, build_image
 from .lazysnapd import Lazysnapd, find_lazysnapd
 from .procs import HarnessError, free_port, remove_tree, short_tempdir, unmount_below
 from .registry import AccessLogEntry, Registry
@@ -44,6 +49,7 @@ __all__ = [
     "Lazysnapd",
     "Observed",
     "Registry",
+    "RemoteRegistry",
     "TreeEntry",
     "build_image",
     "chain_ids",
