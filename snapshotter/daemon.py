@@ -30,7 +30,7 @@ import grpc
 import trio
 
 from snapshotter import config as config_mod
-from snapshotter import logs
+from snapshotter import logs, systemd
 from snapshotter.api import snapshots_pb2_grpc
 from snapshotter.config import Config
 from snapshotter.errors import ConfigError
@@ -90,31 +90,47 @@ def lock_root(root: str) -> int:
     return fd
 
 
-def _start_grpc(cfg: Config, service: SnapshotsService) -> grpc.Server:
+def _start_grpc(cfg: Config, service: SnapshotsService,
+                listener: socket.socket | None) -> tuple[grpc.Server, systemd.GrpcEndpoint]:
     limit = cfg.grpc.max_message_bytes
     server = grpc.server(
         ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    # The socket appears when bound: create it without group/other access, then open it to the group.
-    old_umask = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{cfg.address}")
-    except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {cfg.address}: {exc}") from exc
-    finally:
-        os.umask(old_umask)
-    os.chmod(cfg.address, 0o660)
-    if os.geteuid() == 0:
-        os.chown(cfg.address, 0, 0)
+    if listener is not None:  # socket-activated: systemd owns the socket, its path and mode
+        endpoint = systemd.bind_grpc_server(server, cfg.address, listener=listener)
+    else:
+        # The socket appears when bound: create it without group/other access, then open it to the group.
+        old_umask = os.umask(0o177)
+        try:
+            server.add_insecure_port(f"unix:{cfg.address}")
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {cfg.address}: {exc}") from exc
+        finally:
+            os.umask(old_umask)
+        os.chmod(cfg.address, 0o660)
+        if os.geteuid() == 0:
+            os.chown(cfg.address, 0, 0)
+        endpoint = systemd.GrpcEndpoint(cfg.address)
     server.start()
-    return server
+    return server, endpoint
+
+
+async def _feed_watchdog(interval: float) -> None:
+    """Ping systemd's watchdog while the trio loop is healthy (half its timeout)."""
+    while True:
+        systemd.notify_watchdog()
+        await trio.sleep(interval / 2)
 
 
 async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFactory | None = None,
+              listener: socket.socket | None = None,
               *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until ``stop`` is set, then shut down cleanly. Reports started once it accepts RPCs.
+
+    ``listener`` is a socket-activated listener (systemd) to serve instead of binding
+    ``cfg.address``.
 
     Raises:
         StartupError: the daemon could not start; nothing is left running.
@@ -125,7 +141,8 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
     async with contextlib.AsyncExitStack() as stack:
         lock_fd = lock_root(root)
         stack.callback(os.close, lock_fd)
-        check_socket_free(cfg.address)
+        if listener is None:
+            check_socket_free(cfg.address)
         store = await trio.to_thread.run_sync(Store.open, os.path.join(root, "metadata.db"))
         stack.callback(store.close)
         layout = Layout(root)
@@ -136,23 +153,34 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
             layerfs = await stack.enter_async_context(layerfs_factory(cfg))
             snaps.attach_layer_filesystem(layerfs, trio.lowlevel.current_trio_token())
             await snaps.restore_remote()
-        server = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps))
+        server, endpoint = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps), listener)
 
         def stop_grpc() -> None:
             server.stop(cfg.grpc.shutdown_grace).wait()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.address)
+            endpoint.close()
+            if not endpoint.activated:  # a socket systemd holds is never unlinked
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg.address)
 
         stack.push_async_callback(trio.to_thread.run_sync, stop_grpc)
         log.info("serving", extra={"address": cfg.address, "root": root, "index_off": overlay.index_off,
-                                   "userxattr": overlay.userxattr, "pid": os.getpid()})
+                                   "userxattr": overlay.userxattr, "activated": endpoint.activated,
+                                   "pid": os.getpid()})
+        systemd.notify_ready(f"serving on {cfg.address}")
         task_status.started()
-        await stop.wait()
+        async with trio.open_nursery() as nursery:
+            interval = systemd.watchdog_interval()
+            if interval is not None:
+                nursery.start_soon(_feed_watchdog, interval)
+            await stop.wait()
+            nursery.cancel_scope.cancel()
         log.info("shutting down")
+        systemd.notify_stopping()
     log.info("stopped")
 
 
-async def _main_async(cfg: Config, layerfs_factory: LayerFilesystemFactory | None) -> None:
+async def _main_async(cfg: Config, layerfs_factory: LayerFilesystemFactory | None,
+                      listener: socket.socket | None) -> None:
     stop = trio.Event()
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -165,7 +193,7 @@ async def _main_async(cfg: Config, layerfs_factory: LayerFilesystemFactory | Non
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
-        await run(cfg, stop, layerfs_factory)
+        await run(cfg, stop, layerfs_factory, listener)
         nursery.cancel_scope.cancel()
 
 
@@ -196,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lazysnapd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.log_level)
+    listener = systemd.pick_listener(systemd.listen_fds_with_names(), cfg.address)
     try:
-        trio.run(_main_async, cfg, None)
+        trio.run(_main_async, cfg, None, listener)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP

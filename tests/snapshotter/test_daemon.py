@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.snapshotter.conftest import Snapd
+from tests.snapshotter.conftest import Client, Snapd
 
 pytestmark = [pytest.mark.root]
 
@@ -117,3 +117,48 @@ def test_bad_config_is_refused_naming_the_key(workdir: Path, toml: str, message:
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert not (workdir / "s.sock").exists()
+
+
+class _NotifySocket:
+    """The receiving end of $NOTIFY_SOCKET, as systemd binds it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(30)
+
+    def next(self) -> str:
+        return self.sock.recv(4096).decode()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate missing")
+def test_socket_activation_and_readiness_notification(workdir: Path) -> None:
+    address = workdir / "activated.sock"
+    notify = _NotifySocket(workdir / "notify.sock")
+    exe = shutil.which("lazysnapd")
+    assert exe
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(address), "--fdname=lazysnap-grpc",
+         "-E", f"NOTIFY_SOCKET={notify.path}",
+         exe, "--root", str(workdir / "root"), "--address", str(address)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None and b"Listening on" in proc.stderr.readline()
+        inode = address.stat().st_ino
+        client = Client(str(address))  # the first connection starts lazysnapd
+        try:
+            client.Prepare(key="a")
+            assert set(client.infos()) == {"a"}
+        finally:
+            client.close()
+        assert notify.next().startswith("READY=1")
+        assert address.stat().st_ino == inode  # served through systemd's socket, not a new one
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    try:
+        assert notify.next().startswith("STOPPING=1")
+    finally:
+        notify.sock.close()
