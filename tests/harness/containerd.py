@@ -75,7 +75,6 @@ class Containerd:
         self.log_level = log_level
         self.start_timeout = start_timeout
         self._daemon: Daemon | None = None
-        self._namespaces_seen: set[str] = {self.namespace}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -191,7 +190,8 @@ class Containerd:
                 os.kill(pid, signal.SIGKILL)
         unmount_below(self.state)
         unmount_below(self.root)
-        for ns in self._namespaces_seen:
+        # only our own namespace: "k8s.io" (CRI) or "default" may be in use by another instance
+        for ns in (self.namespace,):
             _rmdir_quiet(Path("/run/containerd/runc") / ns)
             for ctl in Path("/sys/fs/cgroup").glob("*"):
                 _rmdir_quiet(ctl / ns)
@@ -200,7 +200,6 @@ class Containerd:
     def _remove_workloads(self) -> None:
         res = self.ctr_in(None, "namespaces", "ls", "-q", check=False, timeout=10)
         namespaces = set(res.stdout.split()) | {self.namespace}
-        self._namespaces_seen |= namespaces
         for ns in namespaces:
             tasks = self.ctr_in(ns, "tasks", "ls", "-q", check=False, timeout=10).stdout.split()
             for t in tasks:
