@@ -35,12 +35,16 @@ class FetchConfig:
             worker thread (default 64 KiB).
         failure_ttl: seconds a failed chunk keeps failing fast before the next read retries
             (default 2 s).
+        memory_bytes: per layer, verified chunks the disk cache could not keep are held in
+            memory up to this many bytes, so the kernel's small reads of one chunk don't each
+            refetch it (default 32 MiB).
     """
 
     max_range_bytes: int = 16 << 20
     max_ranges_per_read: int = 32
     thread_threshold: int = 64 << 10
     failure_ttl: float = 2.0
+    memory_bytes: int = 32 << 20
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,6 +96,8 @@ class ChunkFetcher:
         self._gate = gate
         self._inflight: dict[int, _Flight] = {}
         self._failures: dict[int, tuple[float, LayerError]] = {}
+        self._recent: OrderedDict[int, bytes] = OrderedDict()
+        self._recent_bytes = 0
         self._on_demand = self._background = self._chunks = self._bytes = 0
         self._integrity_failures = self._source_failures = 0
 
@@ -113,7 +116,7 @@ class ChunkFetcher:
         Raises:
             IntegrityError, SourceError: the bytes could not be fetched or did not verify.
         """
-        size = self.index.attr(node).size
+        size = self.index.size(node)
         end = min(offset + length, size)
         if offset >= end:
             return b""
@@ -123,6 +126,9 @@ class ChunkFetcher:
         for cid in cids:
             lo, hi = self._slice(cid, offset, end)
             data = self._cache.read(self.layer_digest, self.index.chunk_key(cid), lo, hi - lo)
+            if data is None and self._recent:
+                held = self._recent.get(cid)
+                data = None if held is None else held[lo:hi]
             parts.append(data)
             if data is None:
                 missing.append(cid)
@@ -136,7 +142,7 @@ class ChunkFetcher:
 
     def _slice(self, cid: int, offset: int, end: int) -> tuple[int, int]:
         start = self.index.chunk_file_offset(cid)
-        size = self.index.chunk(cid).size
+        size = self.index.chunk_size(cid)
         return max(offset, start) - start, min(end, start + size) - start
 
     async def ensure(self, cids: Sequence[int], *, background: bool = False) -> dict[int, bytes]:
@@ -200,23 +206,9 @@ class ChunkFetcher:
                 for (start, _, members), blob in zip(batch, blobs, strict=True):
                     for cid in members:
                         c = chunks[cid]
-                        compressed = blob[c.blob_offset - start:c.blob_end - start]
-                        try:
-                            data = await self._decode_and_store(c, compressed, self.index.chunk_key(cid))
-                        except IntegrityError as exc:
-                            self._integrity_failures += 1
-                            log.warning("layer %s: chunk at blob offset %d (file offset %d, sha256:%s) "
-                                        "failed verification: %s", self.layer_digest, c.blob_offset,
-                                        c.file_offset, c.digest_hex, exc)
-                            self._fail(cid, flights[cid], exc)
-                            first_error = first_error or exc
-                            continue
-                        except LayerError as exc:
-                            self._fail(cid, flights[cid], exc)
-                            first_error = first_error or exc
-                            continue
-                        flights[cid].data = data
-                        self._chunks += 1
+                        error = await self._complete(cid, c, blob[c.blob_offset - start:c.blob_end - start],
+                                                     flights[cid])
+                        first_error = first_error or error
             if first_error is not None:
                 raise first_error
             return {cid: f.data for cid, f in flights.items() if f.data is not None}
@@ -225,6 +217,26 @@ class ChunkFetcher:
                 if self._inflight.get(cid) is flight:
                     del self._inflight[cid]
                 flight.event.set()
+
+    async def _complete(self, cid: int, c: Chunk, compressed: bytes, flight: _Flight) -> LayerError | None:
+        """Decode, verify and cache one fetched chunk into its flight; return its error if any."""
+        try:
+            data, kept = await self._decode_and_store(c, compressed, self.index.chunk_key(cid))
+        except IntegrityError as exc:
+            self._integrity_failures += 1
+            log.warning("layer %s: chunk at blob offset %d (file offset %d, sha256:%s) failed "
+                        "verification: %s", self.layer_digest, c.blob_offset, c.file_offset,
+                        c.digest_hex, exc)
+            self._fail(cid, flight, exc)
+            return exc
+        except LayerError as exc:
+            self._fail(cid, flight, exc)
+            return exc
+        flight.data = data
+        if not kept:
+            self._hold(cid, data)
+        self._chunks += 1
+        return None
 
     def _fail(self, cid: int, flight: _Flight, exc: LayerError) -> None:
         flight.error = exc
@@ -254,12 +266,23 @@ class ChunkFetcher:
         with self._gate.on_demand():
             return await self.source.read_ranges(ranges)
 
-    async def _decode_and_store(self, chunk: Chunk, compressed: bytes, key: str) -> bytes:
+    def _hold(self, cid: int, data: bytes) -> None:
+        # The cache did not keep this chunk (full of pinned layers, or a disk error). Keep the
+        # latest few in memory: the kernel reads a chunk in many small pieces, and refetching
+        # the whole chunk for each would multiply the traffic.
+        old = self._recent.pop(cid, None)
+        if old is not None:
+            self._recent_bytes -= len(old)
+        self._recent[cid] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > self._config.memory_bytes and self._recent:
+            self._recent_bytes -= len(self._recent.popitem(last=False)[1])
+
+    async def _decode_and_store(self, chunk: Chunk, compressed: bytes, key: str) -> tuple[bytes, bool]:
         if len(compressed) >= self._config.thread_threshold:
             return await trio.to_thread.run_sync(self._decode_and_store_sync, chunk, compressed, key)
         return self._decode_and_store_sync(chunk, compressed, key)
 
-    def _decode_and_store_sync(self, chunk: Chunk, compressed: bytes, key: str) -> bytes:
+    def _decode_and_store_sync(self, chunk: Chunk, compressed: bytes, key: str) -> tuple[bytes, bool]:
         data = codecs.decode(chunk, compressed)
-        self._cache.put(self.layer_digest, key, data)
-        return data
+        return data, self._cache.put(self.layer_digest, key, data)

@@ -461,6 +461,9 @@ class LayerIndex:
         return NodeAttr(self._mode[node], self._uid[node], self._gid[node], self._size[node],
                         self._mtime[node], self._rdev[node], self._nlink[node])
 
+    def size(self, node: NodeId) -> int:
+        return self._size[node]
+
     def is_dir(self, node: NodeId) -> bool:
         return stat.S_ISDIR(self._mode[node])
 
@@ -532,6 +535,9 @@ class LayerIndex:
 
     def chunk_file_offset(self, cid: int) -> int:
         return self._c_file_off[cid]
+
+    def chunk_size(self, cid: int) -> int:
+        return self._c_size[cid]
 
     def chunk_blob_range(self, cid: int) -> tuple[int, int]:
         return self._c_blob_off[cid], self._c_blob_end[cid]

@@ -220,3 +220,22 @@ def test_prefetch_then_background_fills_the_cache(tmp_path: Path) -> None:
         if stat.S_ISREG(index.attr(node).mode):
             trio.run(fetcher.read, node, 0, index.attr(node).size)
     assert len(source.calls) == calls
+
+
+def test_chunks_the_cache_cannot_keep_are_not_refetched_per_small_read(tmp_path: Path) -> None:
+    source = GatedSource(CASE.blob, CASE.digest)
+    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", max_bytes=1000, fsync=False))
+    cache.pin(CASE.digest)
+    fetcher = ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(), PriorityGate())
+    node = _node(index, BIG)
+    size = index.attr(node).size
+
+    async def main() -> bytes:
+        parts = [await fetcher.read(node, off, 128 << 10) for off in range(0, size, 128 << 10)]
+        return b"".join(parts)
+
+    data = trio.run(main)
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == _expected(BIG)
+    assert cache.statistics().bytes_cached <= 1000 and cache.statistics().not_kept >= 5
+    assert len(source.calls) == len(index.chunk_ids(node))  # one fetch per chunk, not per read
