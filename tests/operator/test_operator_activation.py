@@ -1,6 +1,7 @@
 """Socket activation: ``listen_fds``/``pick_listener`` and gRPC served on an inherited socket.
 
-The end-to-end tests run ``activated_echo.py`` (wired like lazysnapd) in a child process that gets
+The end-to-end tests run ``activated_echo.py`` (wired like lazysnapd) or lazysnapd itself in a
+child process that gets
 a listening socket as fd 3 with ``LISTEN_PID``/``LISTEN_FDS`` set, either from systemd's own
 ``systemd-socket-activate`` or from this test playing systemd, and talk real gRPC to it.
 """
@@ -21,6 +22,7 @@ import pytest
 from opsupport import ECHO_SERVER, PYTHON, NotifyReceiver, child_env, stop_process
 
 from snapshotter import systemd
+from snapshotter.api import snapshots_pb2, snapshots_pb2_grpc
 
 # Plays systemd's part: put the listener on fd 3, set LISTEN_PID to the pid that will exec.
 _WRAPPER = (
@@ -49,14 +51,14 @@ def listener(short_tmp: Path) -> Iterator[socket.socket]:
     sock.close()
 
 
-def spawn_activated(listener: socket.socket, notify: NotifyReceiver) -> subprocess.Popen[bytes]:
+def spawn_activated(
+    listener: socket.socket, notify: NotifyReceiver, argv: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (default: the echo server) with ``listener`` as its socket-activated fd 3."""
     env = child_env(LISTEN_FDS="1", LISTEN_FDNAMES="lazysnap-grpc", NOTIFY_SOCKET=notify.address)
     fd = listener.fileno()
-    return subprocess.Popen(
-        [PYTHON, "-c", _WRAPPER, str(fd), PYTHON, str(ECHO_SERVER), listener.getsockname()],
-        env=env,
-        pass_fds=(fd,),
-    )
+    argv = argv or [PYTHON, str(ECHO_SERVER), listener.getsockname()]
+    return subprocess.Popen([PYTHON, "-c", _WRAPPER, str(fd), *argv], env=env, pass_fds=(fd,))
 
 
 # --- in-process: environment handling and choosing the listener ------------------------------
@@ -225,3 +227,26 @@ def test_without_activation_the_server_binds_the_address(
         assert ping(address) == f"pong {proc.pid} bound hi"
     finally:
         assert stop_process(proc) == 0
+
+
+@pytest.mark.root
+def test_lazysnapd_keeps_the_activated_socket_across_a_restart(
+    listener: socket.socket, notify_receiver: NotifyReceiver, short_tmp: Path
+) -> None:
+    """The real daemon, as lazysnap.service runs it: READY once serving, socket never unlinked."""
+    address = listener.getsockname()
+    inode = os.stat(address).st_ino
+    argv = [PYTHON, "-m", "snapshotter.daemon", "--root", str(short_tmp / "root"), "--address", address]
+    for _ in range(2):
+        notify_receiver.seen.clear()
+        proc = spawn_activated(listener, notify_receiver, argv)
+        try:
+            notify_receiver.wait_for("READY=1")
+            with grpc.insecure_channel("unix:" + address) as channel:
+                stub = snapshots_pb2_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]
+                request = snapshots_pb2.ListSnapshotsRequest(snapshotter="lazysnap")
+                assert list(stub.List(request, timeout=30, wait_for_ready=True)) == []
+        finally:
+            assert stop_process(proc) == 0
+        notify_receiver.wait_for("STOPPING=1")
+        assert os.stat(address).st_ino == inode
