@@ -1,9 +1,9 @@
 """Socket activation: ``listen_fds``/``pick_listener`` and gRPC served on an inherited socket.
 
 The end-to-end tests run ``activated_echo.py`` (wired like lazysnapd) or lazysnapd itself in a
-child process that gets
-a listening socket as fd 3 with ``LISTEN_PID``/``LISTEN_FDS`` set, either from systemd's own
-``systemd-socket-activate`` or from this test playing systemd, and talk real gRPC to it.
+child process that gets a listening socket as fd 3 with ``LISTEN_PID``/``LISTEN_FDS`` set, either
+from systemd's own ``systemd-socket-activate`` or from this test playing systemd, and talk real
+gRPC to it.
 """
 
 from __future__ import annotations
