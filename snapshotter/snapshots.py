@@ -170,6 +170,7 @@ class Snapshots:
             log.info("remote mount failed; falling back to a normal unpack",
                      extra={"key": key, "digest": spec.digest, REMOTE_PREPARED_LOG_KEY: False,
                             "reason": f"{type(exc).__name__}: {exc}"})
+            _detach_stale(mountpoint)  # a mount that broke its contract must not receive the unpack
             return compose(self.layout, self.overlay, Kind.ACTIVE, rec.id, [r.id for r in chain])
         committed_labels = dict(labels_)
         committed_labels[REMOTE_LABEL] = REMOTE_LABEL_VALUE
@@ -177,9 +178,17 @@ class Snapshots:
             with self.store.write() as tx:
                 tx.commit_active(key, target, committed_labels, Usage(), time.time_ns())
         except Exception:
-            # Mounted but not committed: release the layer; the active snapshot stays for containerd
-            # to remove, and the error goes back as is (no fallback once a layer was mounted).
+            # Mounted but not committed (typically a concurrent Prepare committed the same target
+            # first, and AlreadyExists is then the right answer): release the layer and our active
+            # snapshot, and return the error as is; no fallback once a layer was mounted.
             self._unmount_quietly(mountpoint)
+            try:
+                with self.store.write() as tx:
+                    tx.delete(key)
+                remove_snapshot_dir(self.layout.dir(rec.id))
+            except Exception:
+                log.exception("could not remove the active snapshot of a failed remote commit",
+                              extra={"key": key})
             raise
         log.info("remote snapshot committed", extra={"key": key, "snapshot": target, "digest": spec.digest,
                                                      REMOTE_PREPARED_LOG_KEY: True})

@@ -35,9 +35,11 @@ class BindLayerFilesystem:
         self.mounted: dict[str, str] = {}  # mountpoint -> digest
         self.broken: set[str] = set()  # digests whose "source" is gone: check fails
         self.mount_calls: list[LayerSpec] = []
+        self.mount_delay = 0.0  # seconds, to let concurrent Prepares overlap
 
     async def mount(self, spec: LayerSpec, mountpoint: str) -> None:
         self.mount_calls.append(spec)
+        await trio.sleep(self.mount_delay)
         src = self.layers / spec.digest.split(":", 1)[1]
         if not src.is_dir():
             raise FileNotFoundError(f"no such layer {spec.digest}")
@@ -252,3 +254,25 @@ def test_existing_target_answers_already_exists_without_mounting(
         assert _code(exc) == grpc.StatusCode.ALREADY_EXISTS
         assert len(layerfs.mount_calls) == 1
         assert set(client.infos()) == {"chain-1"}
+
+
+def test_concurrent_prepares_of_one_layer_leave_one_snapshot(env: tuple[Config, BindLayerFilesystem]) -> None:
+    cfg, layerfs = env
+    layerfs.mount_delay = 0.5
+    codes: list[grpc.StatusCode] = []
+    with InProcessDaemon(cfg, layerfs) as client:
+        def pull(key: str) -> None:
+            with pytest.raises(grpc.RpcError) as exc:
+                client.Prepare(key=key, labels=_labels("chain-1", D1))
+            codes.append(_code(exc))
+
+        threads = [threading.Thread(target=pull, args=(f"extract-{i}",)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert codes == [grpc.StatusCode.ALREADY_EXISTS] * 2
+        assert len(layerfs.mount_calls) == 2  # both raced past the existence check
+        assert set(client.infos()) == {"chain-1"}  # the loser's active snapshot is gone
+        assert len(layerfs.mounted) == 1
+        assert len(list((Path(cfg.root) / "snapshots").iterdir())) == 1
