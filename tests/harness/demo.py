@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"demo: FAILED: {exc}", file=sys.stderr)
         status = 1
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM/SIGHUP via _raise_exit
+        _say("interrupted: everything the demo started is stopped")
+        return exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
         if args.keep_logs or status:
             _say(f"logs kept in {work}")
