@@ -52,6 +52,8 @@ _SMALL_WHOLE_BODY = 1 << 20
 # Room for the part headers and delimiters of a multipart/byteranges body, per part.
 _MULTIPART_OVERHEAD = 1024
 _MAX_URLS = 8
+# Requests one read_ranges call keeps in flight when its ranges need several.
+_PARALLEL_REQUESTS = 4
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # A pre-signed redirect target answers these once it expired: resolve again via the registry.
@@ -254,10 +256,12 @@ class RegistrySource:
             return []
         validate_ranges(ranges, self._size)
         spans = coalesce(ranges, self._config.coalesce_gap, self._config.max_request_bytes)
-        pieces: list[Piece] = []
         step = self._config.max_ranges_per_request
-        for i in range(0, len(spans), step):
-            pieces.extend(await self._fetch(spans[i:i + step]))
+        batches = [spans[i:i + step] for i in range(0, len(spans), step)]
+        if len(batches) == 1:
+            pieces = await self._fetch(batches[0])
+        else:
+            pieces = await self._fetch_concurrently(batches)
         out = cut(ranges, pieces)
         result: list[bytes] = []
         for (offset, length), data in zip(ranges, out, strict=True):
@@ -265,6 +269,27 @@ class RegistrySource:
                 raise SourceError(f"blob {self._digest}: no data for range {offset}+{length}")
             result.append(data)
         return result
+
+    async def _fetch_concurrently(self, batches: list[list[Span]]) -> list[Piece]:
+        """Fetch batches in parallel (bounded); the first failure cancels the rest and is raised."""
+        results: list[list[Piece]] = [[] for _ in batches]
+        failures: list[SourceError] = []
+        limiter = trio.CapacityLimiter(_PARALLEL_REQUESTS)
+
+        async def one(i: int, nursery: trio.Nursery) -> None:
+            async with limiter:
+                try:
+                    results[i] = await self._fetch(batches[i])
+                except SourceError as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(batches)):
+                nursery.start_soon(one, i, nursery)
+        if failures:
+            raise failures[0]
+        return [p for r in results for p in r]
 
     async def _fetch(self, spans: list[Span]) -> list[Piece]:
         got: list[Piece] = []
@@ -312,17 +337,17 @@ class RegistrySource:
     async def _try_targets(self, method: str, spans: list[Span]) -> _Reply:
         """Try the redirect target, the URLs, the mirrors and the origin, in that order, once."""
         errors: list[SourceError] = []
-        if self._redirect is not None:
-            target, self._redirect = self._redirect, None
+        target = self._redirect
+        if target is not None and method == "GET":
             try:
-                reply = await self._direct(method, target, spans, expired_ok=True)
-                self._redirect = target
-                return reply
+                return await self._direct(method, target, spans, expired_ok=True)
             except _RedirectExpired:
                 self._redirects_resolved += 1
                 log.debug("blob %s: redirect target expired; resolving again", self._digest)
             except SourceError as exc:
                 errors.append(exc)
+            if self._redirect == target:  # concurrent reads may have resolved a new one already
+                self._redirect = None
         for url in self._urls:
             try:
                 return await self._direct(method, url, spans, expired_ok=False)

@@ -45,6 +45,7 @@ class Recorded:
     status: int
     bytes: int
     authorization: str | None = None
+    concurrent: int = 1  # requests in flight at the proxy when this one arrived, itself included
 
     @property
     def is_blob(self) -> bool:
@@ -76,6 +77,7 @@ class FaultProxy:
         self._expired_tokens: set[str] = set()
         self._presigned: dict[str, tuple[int, str | None]] = {}
         self._records: list[Recorded] = []
+        self._in_flight = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.host = ""
@@ -191,6 +193,7 @@ class FaultProxy:
 
 class _Handler(BaseHTTPRequestHandler):
     owner: FaultProxy
+    _concurrent = 1
     protocol_version = "HTTP/1.1"
     timeout = 60
 
@@ -216,6 +219,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle()
 
     def _handle(self) -> None:
+        with self.owner._lock:
+            self.owner._in_flight += 1
+            self._concurrent = self.owner._in_flight
+        try:
+            self._serve()
+        finally:
+            with self.owner._lock:
+                self.owner._in_flight -= 1
+
+    def _serve(self) -> None:
         owner = self.owner
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -364,4 +377,4 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _log(self, status: int, sent: int) -> None:
         self.owner._record(Recorded(self.command, self.path, self.headers.get("Range"), status, sent,
-                                    self.headers.get("Authorization")))
+                                    self.headers.get("Authorization"), self._concurrent))

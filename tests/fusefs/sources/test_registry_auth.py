@@ -201,3 +201,25 @@ def test_anonymous_refused_by_token_server(tokens: TokenRegistry, tmp_path: Path
     (tmp_path / "docker" / "config.json").unlink()
     with pytest.raises(AuthError, match="refused anonymous access"):
         run(lambda: read_with(tmp_path, tokens.host, tokens.digest, RANGES))
+
+
+def test_forbidden_refreshes_the_token_once(tokens: TokenRegistry, tmp_path: Path) -> None:
+    async def body(proxy: FaultProxy) -> int:
+        factory = RegistrySourceFactory(config_for(tmp_path))
+        write_docker_config(tmp_path / "docker" / "config.json",
+                            {"auths": {proxy.host: basic_entry(USER, PASSWORD)}})
+        try:
+            await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
+            proxy.fail_next(1, status=403)
+            got = await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
+            assert got == expect(tokens.blob)
+            assert factory.auth.token_fetches == 2
+            proxy.fail_next(10, status=403)
+            with pytest.raises(AuthError, match="refused a fresh token"):
+                await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
+            return factory.auth.token_fetches
+        finally:
+            await factory.aclose()
+
+    with FaultProxy(tokens.host) as proxy:
+        assert run(lambda: body(proxy)) == 3

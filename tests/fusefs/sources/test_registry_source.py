@@ -276,3 +276,63 @@ def test_untrusted_spec_is_refused(tmp_path: Path) -> None:
             await factory.aclose()
 
     run(body)
+
+
+def test_read_timeout_is_transient(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    proxy.set_delay(1.0)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=SMALL, retries=2, read_timeout=0.3)
+        try:
+            with pytest.raises(TransientSourceError, match="ReadTimeout"):
+                await source.read_ranges([(0, 10)])
+        finally:
+            await factory.aclose()
+
+    run(body)
+
+
+def test_layer_urls_are_tried_before_the_registry(anon_registry: Blobs, proxy: FaultProxy,
+                                                  tmp_path: Path) -> None:
+    blob, digest = anon_registry.small, anon_registry.small_digest
+    ranges = [(7, 70), (250000, 1000)]
+    want = [blob[o:o + n] for o, n in ranges]
+    with FaultProxy(anon_registry.host) as cdn:
+        url = f"{cdn.url}/v2/{REPO}/blobs/{digest}"
+
+        async def body() -> None:
+            factory = RegistrySourceFactory(config_for(tmp_path))
+            try:
+                spec = LayerSpec(ref=f"{proxy.host}/{REPO}:v1", digest=digest, size=len(blob),
+                                 urls=("ipfs://bafyignored", url))
+                source = await factory.open(spec)
+                assert await source.read_ranges(ranges) == want
+                assert [r.status for r in cdn.requests()] == [206] and blob_requests(proxy) == []
+                cdn.fail_next(100, status=404)
+                assert await source.read_ranges(ranges) == want
+                assert len(blob_requests(proxy)) == 1
+            finally:
+                await factory.aclose()
+
+        run(body)
+
+
+def test_many_batches_are_fetched_concurrently_and_correctly(anon_registry: Blobs, proxy: FaultProxy,
+                                                             tmp_path: Path) -> None:
+    blob = anon_registry.large
+    ranges = [(i * 300000, 1000 + i) for i in range(9)]
+    proxy.set_delay(0.2)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                                            size=len(blob), coalesce_gap=0, max_ranges_per_request=2)
+        try:
+            assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
+        finally:
+            await factory.aclose()
+
+    run(body)
+    assert len(blob_requests(proxy)) == 5
+    # Concurrency is visible in the proxy: some requests were in flight together.
+    assert max(r.concurrent for r in proxy.requests() if r.is_blob) > 1
