@@ -30,6 +30,8 @@ class RegistryConfig:
         user_agent: the ``User-Agent`` header sent with every request.
         credential_helper_timeout: seconds a ``docker-credential-*`` helper may run.
         max_redirects: redirect hops followed for one blob request.
+        mirror_cooldown: seconds a mirror that failed transiently is skipped (0: never skipped),
+            so a black-holed mirror costs one timeout rather than one per read.
     """
 
     hosts_dir: Path | None = Path("/etc/containerd/certs.d")
@@ -48,6 +50,7 @@ class RegistryConfig:
     user_agent: str = "lazysnap/0.1"
     credential_helper_timeout: float = 10.0
     max_redirects: int = 3
+    mirror_cooldown: float = 30.0
 
     def __post_init__(self) -> None:
         if self.retries < 1:

@@ -99,6 +99,7 @@ class RegistrySourceFactory:
         self._clients: dict[tuple[object, ...], httpx.AsyncClient] = {}
         self._endpoints: dict[str, list[Endpoint]] = {}
         self._plain_http: set[str] = set()
+        self._cooling: dict[str, float] = {}
         self.credentials = CredentialStore(self.config.docker_config, self.config.credential_helper_timeout)
         token_client = self._new_client(verify=True, follow_redirects=True)
         self._clients[("token",)] = token_client
@@ -142,6 +143,17 @@ class RegistrySourceFactory:
         if endpoint.netloc in self._plain_http and endpoint.scheme == "https":
             return replace(endpoint, scheme="http", plain_http_fallback=False)
         return endpoint
+
+    def cool(self, endpoint: Endpoint) -> None:
+        """Skip mirror ``endpoint`` for ``config.mirror_cooldown`` seconds after it failed."""
+        if self.config.mirror_cooldown > 0:
+            log.info("mirror %s failed; using the next endpoint for %.0fs", endpoint.base_url,
+                     self.config.mirror_cooldown)
+            self._cooling[endpoint.base_url] = trio.current_time() + self.config.mirror_cooldown
+
+    def cooling(self, endpoint: Endpoint) -> bool:
+        until = self._cooling.get(endpoint.base_url)
+        return until is not None and trio.current_time() < until
 
     def fall_back_to_plain_http(self, endpoint: Endpoint) -> Endpoint:
         """Remember that ``endpoint``'s loopback host speaks plain HTTP; return the HTTP twin."""
@@ -353,12 +365,19 @@ class RegistrySource:
                 return await self._direct(method, url, spans, expired_ok=False)
             except SourceError as exc:
                 errors.append(exc)
+        factory = self._factory
         for endpoint in self._endpoints:
+            if endpoint.is_mirror and factory.cooling(endpoint):
+                continue
             try:
                 return await self._via_registry(method, endpoint, spans)
             except AuthError as exc:
                 if not endpoint.is_mirror:
                     raise
+                errors.append(exc)
+            except TransientSourceError as exc:
+                if endpoint.is_mirror:
+                    factory.cool(endpoint)
                 errors.append(exc)
             except SourceError as exc:
                 errors.append(exc)
@@ -413,8 +432,12 @@ class RegistrySource:
             if urlsplit(target).scheme not in ("http", "https"):
                 raise SourceError(f"blob {self._digest}: redirect to unusable URL {target[:200]!r}")
             client = self._factory.client(None, target)
-            reply = await self._exchange(client, method, target, self._base_headers(spans), spans,
-                                         expired_ok=False)
+            try:
+                reply = await self._exchange(client, method, target, self._base_headers(spans), spans,
+                                             expired_ok=False)
+            except _Refused as exc:
+                raise SourceError(f"blob {self._digest}: redirect target {urlsplit(target).netloc} "
+                                  f"refused it (HTTP {exc.response.status_code})") from None
             if reply.location is None:
                 if method == "GET":
                     self._redirect = target

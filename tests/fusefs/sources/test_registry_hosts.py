@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from sourcekit import REPO, SMALL, Blobs, blob_bytes, config_for, push_blob, run, start_registry
 
 from fusefs.errors import SourceError
@@ -57,17 +58,20 @@ def test_mirror_first_then_origin_when_it_fails(anon_registry: Blobs, tmp_path: 
                     f'  [host."http://{mirror.host}".header]\n    x-test = "1"\n')
 
         async def body() -> None:
-            factory = RegistrySourceFactory(config_for(tmp_path))
+            factory = RegistrySourceFactory(config_for(tmp_path, mirror_cooldown=1.0))
             try:
                 assert await read(tmp_path, origin.host, digest, factory) == want
                 assert blob_gets(mirror) == [206] and blob_gets(origin) == []
                 mirror.fail_next(100, status=502)
                 assert await read(tmp_path, origin.host, digest, factory) == want
-                assert blob_gets(origin) == [206]
-                mirror.reset()
-                mirror.clear_requests()
+                assert blob_gets(origin) == [206] and blob_gets(mirror) == [206, 502]
+                # While it cools down the failed mirror is not asked again.
                 assert await read(tmp_path, origin.host, digest, factory) == want
-                assert blob_gets(mirror) == [206]
+                assert blob_gets(origin) == [206, 206] and blob_gets(mirror) == [206, 502]
+                mirror.reset()
+                await trio.sleep(1.1)
+                assert await read(tmp_path, origin.host, digest, factory) == want
+                assert blob_gets(mirror) == [206, 502, 206]
             finally:
                 await factory.aclose()
 
