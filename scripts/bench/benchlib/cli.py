@@ -25,7 +25,7 @@ from .images import IMAGES, ImageBuilder
 from .measure import BenchEnv, cold_start, read_throughput
 from .network import LinkSettings, ShapedNetwork
 from .paths import BENCH_ROOT, BENCH_RUN, REPO, RESULTS_DIR
-from .procs import BenchError, free_tcp_port, run
+from .procs import BenchError, free_tcp_port, http_round_trip_ms, run
 from .registry import Registry
 from .snapshotters import Snapshotter, lazysnap, overlayfs, stargz_go
 
@@ -40,7 +40,7 @@ ALL_SNAPSHOTTERS = ("overlayfs", "stargz-go", "lazysnap")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench/run", description=__doc__)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run for CI: busybox images, loopback registry, 1 rep, no docs update")
+                   help="smoke run for CI: busybox images, loopback, 1 rep, --strict, no docs update")
     p.add_argument("--images", default="minbase,python,numpy", help="cold-start images (default %(default)s)")
     p.add_argument("--rtt-ms", type=int, default=20, help="round-trip delay added to the link (default 20)")
     p.add_argument("--rate", default="100mbit", help="link rate, tc syntax; 0 = unlimited (default 100mbit)")
@@ -57,8 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail when a snapshotter is not available")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    if args.quick:
-        args.reps, args.loopback, args.no_docs = 1, True, True
+    if args.quick:  # a smoke run: every snapshotter asked for must work
+        args.reps, args.loopback, args.no_docs, args.strict = 1, True, True, True
     if args.reps < 1:
         p.error("--reps must be at least 1")
     args.snapshotters = [s for s in args.snapshotters.split(",") if s]
@@ -148,7 +148,8 @@ def _bench(args: argparse.Namespace) -> int:
                                 netns=network.ns_registry)
             registry.start()
             stack.callback(registry.stop)
-            link = settings.describe()
+            probe = http_round_trip_ms(f"http://{registry.host}/v2/")
+            link = f"{settings.describe()} (measured: GET /v2/ on a new connection {probe:.1f} ms)"
 
         state = run_dir / "state"
         makers: dict[str, Callable[[], Snapshotter]] = {"overlayfs": overlayfs,

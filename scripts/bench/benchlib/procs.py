@@ -78,6 +78,17 @@ def wait_for(check: object, what: str, timeout: float = 30.0, proc: Daemon | Non
     raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def http_round_trip_ms(url: str, tries: int = 5) -> float:
+    """Median time of a GET of `url` over a new connection each time (TCP handshake included)."""
+    times = []
+    for _ in range(tries):
+        t0 = time.monotonic()
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            resp.read()
+        times.append((time.monotonic() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
 def http_ok(url: str) -> bool:
     """True if a GET of `url` answers 2xx within 2 s."""
     try:
