@@ -273,6 +273,17 @@ class Containerd:
                 rows.append((parts[0], "", parts[1]))
         return rows
 
+    def wait_for_snapshotter(self, snapshotter: str, timeout: float = 20.0) -> None:
+        """Wait until containerd reaches `snapshotter` again (after its daemon restarted).
+
+        containerd's gRPC client keeps the last dial error through its reconnect backoff (up to
+        3 s in 1.6), so calls right after a restart can fail with Unavailable although the new
+        daemon is already listening.
+        """
+        wait_until(lambda: self.ctr("snapshots", "--snapshotter", snapshotter, "ls", check=False,
+                                    timeout=10).returncode == 0,
+                   timeout, f"containerd to reach snapshotter {snapshotter}", interval=0.2)
+
     def task_rootfs(self, container_id: str) -> Path:
         """Where a running task's rootfs is mounted on the host (to look at it from outside)."""
         return self.state / "io.containerd.runtime.v2.task" / self.namespace / container_id / "rootfs"

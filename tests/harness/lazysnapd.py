@@ -14,6 +14,7 @@ then SIGKILL after `grace` seconds, and unmounts whatever is still mounted below
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from types import TracebackType
@@ -95,6 +96,18 @@ class Lazysnapd:
         if self._daemon is not None:
             self._daemon.stop(grace=grace)
         return unmount_below(self.root)
+
+    def restart(self, sig: int = signal.SIGTERM, grace: float = 15.0) -> list[Path]:
+        """Stop with `sig` (SIGKILL simulates a crash), then start again on the same root/socket.
+
+        Returns what had to be unmounted in between (nothing, for a daemon that cleans up).
+        """
+        left: list[Path] = []
+        if self._daemon is not None:
+            self._daemon.stop(grace=grace, sig=sig)
+            left = unmount_below(self.root) if sig != signal.SIGKILL else []
+        self.start()
+        return left
 
     @property
     def returncode(self) -> int | None:
