@@ -101,7 +101,7 @@ def in_user_namespace() -> bool:
 def _needs_userxattr(root: str) -> bool:
     if not in_user_namespace():
         return False
-    if _fs_type(root) == "tmpfs":
+    if filesystem_type(root) == "tmpfs":
         return False  # tmpfs does not allow user.* xattrs for overlay
     with tempfile.TemporaryDirectory(prefix="userxattr-check-", dir=root) as td:
         dirs = {name: os.path.join(td, name) for name in ("lower1", "lower2", "upper", "work", "merged")}
@@ -118,7 +118,7 @@ def _needs_userxattr(root: str) -> bool:
         return True
 
 
-def _fs_type(path: str) -> str:
+def filesystem_type(path: str) -> str:
     """The filesystem type of the mount holding ``path``, from mountinfo."""
     path = os.path.realpath(path)
     best, best_type = "", ""
