@@ -24,7 +24,7 @@ import stat
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NewType
 
 from fusefs.errors import FormatError, IntegrityError
 
@@ -129,6 +129,13 @@ class _Draft:
     chunks: list[tuple[int, int, int, int, int, int, bytes]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class EntryHandle:
+    """An entry being built, as returned by :meth:`IndexBuilder.add`."""
+
+    draft: _Draft
+
+
 class IndexBuilder:
     """Collects entries from a format reader; ``build`` packs them into an UnverifiedIndex.
 
@@ -168,8 +175,11 @@ class IndexBuilder:
         target: str = "",
         rdev: int = 0,
         xattrs: Mapping[bytes, bytes] | None = None,
-    ) -> None:
-        """Add one entry; ``file_type`` is an ``stat.S_IF*`` constant, ``mode`` the 0o7777 bits."""
+    ) -> EntryHandle:
+        """Add one entry; ``file_type`` is an ``stat.S_IF*`` constant, ``mode`` the 0o7777 bits.
+
+        Returns a handle for :meth:`add_chunk_to` (cheaper than naming the path again).
+        """
         if file_type not in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                              stat.S_IFIFO):
             raise FormatError(f"unsupported file type {file_type:o} for {path[:80]!r}")
@@ -196,7 +206,7 @@ class IndexBuilder:
                 raise FormatError("layer root is not a directory")
             draft.children = self._root.children
             self._root = draft
-            return
+            return EntryHandle(draft)
         parent = self._parent(parts)
         assert parent.children is not None
         old = parent.children.get(parts[-1])
@@ -205,6 +215,7 @@ class IndexBuilder:
         if old is None:
             self._bump()
         parent.children[parts[-1]] = draft
+        return EntryHandle(draft)
 
     def add_hardlink(self, path: str, target: str) -> None:
         """Make ``path`` a second name of the earlier entry ``target``."""
@@ -249,9 +260,16 @@ class IndexBuilder:
             return True
         return False
 
-    def add_chunk(
+    def add_chunk(self, path: str, **chunk: Any) -> None:
+        """Attach a chunk to the regular file at ``path`` (see :meth:`add_chunk_to`)."""
+        node = self._find(split_path(path))
+        if node is None:
+            raise FormatError(f"chunk for a missing file {path[:80]!r}")
+        self.add_chunk_to(EntryHandle(node), **chunk)
+
+    def add_chunk_to(
         self,
-        path: str,
+        handle: EntryHandle,
         *,
         file_offset: int,
         size: int,
@@ -261,18 +279,18 @@ class IndexBuilder:
         digest: str,
         inner_offset: int = 0,
     ) -> None:
-        """Attach a chunk to the regular file at ``path`` (``digest`` is ``sha256:<hex>``)."""
-        node = self._find(split_path(path))
-        if node is None or not stat.S_ISREG(node.mode):
-            raise FormatError(f"chunk for a missing or non-regular file {path[:80]!r}")
+        """Attach a chunk to a regular file; ``digest`` is ``sha256:<hex>`` of its bytes."""
+        node = handle.draft
+        if not stat.S_ISREG(node.mode):
+            raise FormatError("chunk for a non-regular file")
         if not 0 < size <= self._max_chunk_size:
-            raise FormatError(f"chunk size {size} out of bounds in {path[:80]!r}")
+            raise FormatError(f"chunk size {size} out of bounds")
         if not 0 <= blob_offset < blob_end <= self._blob_size or not 0 <= inner_offset <= MAX_FILE_SIZE:
-            raise FormatError(f"chunk blob range out of bounds in {path[:80]!r}")
+            raise FormatError(f"chunk blob range [{blob_offset}, {blob_end}) out of bounds")
         if blob_end - blob_offset > 2 * self._max_chunk_size + inner_offset + (1 << 20):
-            raise FormatError(f"compressed chunk too large in {path[:80]!r}")
-        raw_digest = parse_sha256(digest)
-        node.chunks.append((file_offset, size, blob_offset, blob_end, inner_offset, int(codec), raw_digest))
+            raise FormatError(f"compressed chunk at {blob_offset} too large")
+        node.chunks.append((file_offset, size, blob_offset, blob_end, inner_offset, int(codec),
+                            parse_sha256(digest)))
 
     # -- packing ------------------------------------------------------------------------
 

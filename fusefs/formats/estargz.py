@@ -92,7 +92,7 @@ def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xatt
         path = toc.path(i)
         sec, nsec = toc.mtime(i)
         major, minor = toc.device(i)
-        builder.add(
+        handle = builder.add(
             path, _TYPES[kind], mode=toc.mode(i), uid=toc.uid(i), gid=toc.gid(i), size=toc.size(i),
             mtime_ns=sec * 10**9 + nsec,
             target=toc.linkname(i) if kind is estargz.EntryType.SYMLINK else "",
@@ -105,9 +105,9 @@ def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xatt
                     raise UnsupportedFormat(f"{digest}: {path!r} has a hole chunk (not supported)")
                 if c.digest is None:
                     raise UnsupportedFormat(f"{digest}: {path!r} has a chunk without a digest (legacy)")
-                builder.add_chunk(path, file_offset=c.file_offset, size=c.size,
-                                  blob_offset=c.compressed_offset, blob_end=c.compressed_end,
-                                  codec=codec, digest=c.digest, inner_offset=c.inner_offset)
+                builder.add_chunk_to(handle, file_offset=c.file_offset, size=c.size,
+                                     blob_offset=c.compressed_offset, blob_end=c.compressed_end,
+                                     codec=codec, digest=c.digest, inner_offset=c.inner_offset)
     for i in later:
         path = toc.path(i)
         if builder.add_tar_entry_name(path):
