@@ -214,3 +214,15 @@ def test_stat_and_list_agree_and_filters_quote_like_containerd(client: Client) -
     with pytest.raises(grpc.RpcError) as exc:  # as in containerd, a leading / quotes a regexp
         client.infos("name!=/child")
     assert status_of(exc) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unexpected_errors_are_internal_and_logged(snapd: Snapd, client: Client) -> None:
+    fs = Path(client.Prepare(key="/k/broken").mounts[0].source)
+    fs.rmdir()  # someone deleted the snapshot's directory behind our back
+    with pytest.raises(grpc.RpcError) as exc:
+        client.Usage(key="/k/broken")
+    assert status_of(exc) == grpc.StatusCode.INTERNAL
+    assert "FileNotFoundError" in exc.value.details()  # type: ignore[attr-defined]
+    log = snapd.log()
+    assert '"msg": "unexpected error in Usage"' in log and '"exc": "Traceback' in log
+    assert client.Stat(key="/k/broken").info.kind == pb.ACTIVE  # and the daemon serves on
