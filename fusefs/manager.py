@@ -167,10 +167,13 @@ class LayerManager:
         src = os.path.join(self._fuse_root, layer.name.decode())
         try:
             await trio.to_thread.run_sync(_bind_mount, src, mountpoint)
-        except OSError as exc:
+        except BaseException as exc:  # including cancellation: never leave a layer half mounted
             if opened_here and not layer.mountpoints:
-                await self._close_layer(layer)
-            raise LayerError(f"cannot mount layer {spec.digest} on {mountpoint}: {exc}") from exc
+                with trio.CancelScope(shield=True):
+                    await self._close_layer(layer)
+            if isinstance(exc, OSError):
+                raise LayerError(f"cannot mount layer {spec.digest} on {mountpoint}: {exc}") from exc
+            raise
         layer.mountpoints.add(mountpoint)
         self._mounts[mountpoint] = layer
         log.info("mounted layer %s (%d nodes) on %s", spec.digest, layer.index.node_count, mountpoint)

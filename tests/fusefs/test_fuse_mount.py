@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -186,6 +187,9 @@ def test_unverifiable_layer_is_refused_and_mountpoint_left_clean(work: Path) -> 
         missing = contract.Case("missing", case.blob.with_name("0" * 64), case.toc_digest, case.expected)
         assert server.mount(missing, work / "l1")["error"] == "BlobNotFound"
         assert os.listdir(work / "fuse") == []
+        req = {"digest": case.digest, "toc_digest": case.toc_digest, "mountpoint": str(work / "absent")}
+        assert server.cmd("mount " + json.dumps(req))["error"] == "LayerError"  # bind mount fails
+        assert os.listdir(work / "fuse") == []  # and the layer is not left served
         assert server.mount(case, work / "l1")["ok"]
     _assert_clean_log(server)
 
