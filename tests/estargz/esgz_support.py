@@ -127,3 +127,44 @@ def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return buf.getvalue()
+
+
+def tar_tree(tar: bytes) -> dict[str, tuple[str, ...]]:
+    """The ``observed_tree`` columns computed by Python's tarfile, independently of estargz."""
+    kinds = {
+        tarfile.DIRTYPE: "dir",
+        tarfile.SYMTYPE: "symlink",
+        tarfile.LNKTYPE: "hardlink",
+        tarfile.CHRTYPE: "char",
+        tarfile.BLKTYPE: "block",
+        tarfile.FIFOTYPE: "fifo",
+    }
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:", encoding="utf-8") as t:
+        for m in t:
+            kind = kinds.get(m.type, "reg")
+            if kind == "reg":
+                f = t.extractfile(m)
+                detail = "sha256:" + hashlib.sha256(f.read() if f else b"").hexdigest()
+            elif kind in ("symlink", "hardlink"):
+                detail = m.linkname
+            elif kind in ("char", "block"):
+                detail = f"{m.devmajor}:{m.devminor}"
+            else:
+                detail = ""
+            xattrs = ";".join(
+                f"{k[13:]}={v.encode('utf-8', 'surrogateescape').hex()}"
+                for k, v in sorted(m.pax_headers.items())
+                if k.startswith("SCHILY.xattr.")
+            )
+            size = str(m.size) if kind == "reg" else "0"
+            out[m.name.rstrip("/")] = (
+                kind,
+                f"{m.mode & 0o7777:04o}",
+                str(m.uid),
+                str(m.gid),
+                size,
+                detail,
+                xattrs,
+            )
+    return out
