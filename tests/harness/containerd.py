@@ -1,9 +1,11 @@
 """A private containerd 1.6 with lazysnap registered as a proxy snapshotter.
 
     with Containerd(workdir, proxy_socket=lazysnapd.address, registries=[reg.host]) as ctd:
-        ctd.ctr("image", "pull", "--plain-http", "--snapshotter", "lazysnap", ref)
-        out = ctd.run(ref, "--snapshotter", "lazysnap", cmd=["cat", "/etc/motd"])
+        ctd.pull(ref, "lazysnap")                    # ctr image pull --plain-http --snapshotter
+        out = ctd.run(ref, ["cat", "/etc/motd"], "lazysnap")   # ctr run --rm ...; returns stdout
         ctd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "lazysnap", ref)
+        ctd.snapshots("lazysnap")                    # [(key, parent, kind)]
+        ctd.wait_for_snapshotter("lazysnap")         # after restarting the snapshotter
 
 Everything lives under `workdir` (config, root, state, socket, logs; keep the path short: the
 socket path is limited to 107 bytes). Each instance uses its own namespace (`namespace`, unique by
