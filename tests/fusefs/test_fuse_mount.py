@@ -219,3 +219,23 @@ def test_neighbours_shared_mounts_and_check(work: Path) -> None:
         assert server.cmd(f"check {work / 'a'}")["error"] == "LayerError"
         assert server.mount(layer0, work / "b")["error"] == "LayerError"  # already mounted there
     _assert_clean_log(server)
+
+
+def test_prefetch_and_background_fetch_at_mount(work: Path) -> None:
+    case = layer_case("esgz-prefetch", 0)
+    chunks = trio.run(read_estargz, FileSource(case.blob, case.digest)).verify(case.toc_digest).chunk_count
+    with FuseServer(work, [FIXTURES / "esgz-prefetch"], prefetch=True, background=True) as server:
+        assert server.mount(case, work / "l0")["ok"]
+        deadline = time.monotonic() + 60
+        while server.stats(case)["cache"]["chunks_cached"] < chunks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = server.stats(case)
+        assert stats["cache"]["chunks_cached"] == chunks
+        assert stats["fetch"]["background_fetches"] > 0
+        calls = stats["source_calls"]
+        rows, inodes = contract.tree_from_fs(str(work / "l0"))
+        contract.assert_tree(rows, inodes, contract.load_tsv(case.expected))
+        assert server.stats(case)["source_calls"] == calls  # everything came from the cache
+    log = server.log_text()
+    assert "prefetched" in log and "background fetch complete" in log
+    _assert_clean_log(server)
