@@ -9,6 +9,7 @@ touches an installation it did not make, and holds a lock so two runs on one hos
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -205,8 +206,12 @@ def test_installed_daemon_serves_with_the_installed_config(
         if "notify_ready" in daemon:
             notify_receiver.wait_for("READY=1")
         if installed_source("snapctl") is not None:
-            result = subprocess.run(["/usr/local/bin/snapctl", "--help"], capture_output=True, timeout=60)
-            assert result.returncode == 0
+            result = subprocess.run(
+                ["/usr/local/bin/snapctl", "status", "--address", address, "--json"],
+                capture_output=True, text=True, timeout=60, cwd="/",
+            )
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["snapshots"] == 0
     finally:
         assert stop_process(proc) == 0
 
