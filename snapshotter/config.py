@@ -1,7 +1,9 @@
 """lazysnapd's TOML configuration: one frozen dataclass per section, loaded by one generic loader.
 
 Every field carries its documentation (``help``, ``unit``) and optional checks (``min``, ``max``,
-``choices``) in its metadata; the loader derives types from the annotations. Adding a setting is
+``choices``) in its metadata; the loader derives types from the annotations (bool, int, float,
+str, Path, bytes, ``X | None``, ``tuple[X, ...]`` and nested dataclasses as tables; a field
+without default is a required key). Adding a setting is
 adding a field; adding a section is adding a dataclass and a field of that type on
 :class:`Config`. Unknown keys, wrong types and out-of-range values raise
 :class:`~snapshotter.errors.ConfigError` naming the key (``grpc.max_workers``).
@@ -24,6 +26,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from snapshotter.errors import ConfigError
@@ -113,6 +116,10 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             values[key] = from_mapping(ftype, raw, name + ".")  # type: ignore[arg-type]
         else:
             values[key] = _check(name, _coerce(name, ftype, raw), fields[key].metadata)
+    missing = [f.name for f in fields.values() if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key missing")
     return cls(**values)
 
 
@@ -135,6 +142,12 @@ def _coerce(name: str, ftype: Any, raw: Any) -> Any:
         raw = float(raw) if ok else raw
     elif ftype is str:
         ok = isinstance(raw, str)
+    elif ftype is Path:
+        ok = isinstance(raw, str) and bool(raw) and "\x00" not in raw
+        raw = Path(raw) if ok else raw
+    elif ftype is bytes:
+        ok = isinstance(raw, str)
+        raw = raw.encode() if ok else raw
     else:
         raise ConfigError(f"{name}: unsupported setting type {ftype!r}")
     if not ok:

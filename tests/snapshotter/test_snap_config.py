@@ -78,3 +78,16 @@ def test_adding_a_field_is_all_it_takes() -> None:
         config.from_mapping(Extra, {"names": ["a", 2]})
     with pytest.raises(ConfigError, match=r"ratio: 2\.0 is above the maximum 1\.0"):
         config.from_mapping(Extra, {"ratio": 2})
+
+
+def test_paths_bytes_and_required_keys() -> None:
+    @dataclass(frozen=True)
+    class Section:
+        where: Path
+        xattr: bytes = setting(b"trusted.x", "an attribute name")
+
+    assert config.from_mapping(Section, {"where": "/c", "xattr": "user.x"}) == Section(Path("/c"), b"user.x")
+    with pytest.raises(ConfigError, match="where: required key missing"):
+        config.from_mapping(Section, {})
+    with pytest.raises(ConfigError, match="where: must be Path"):
+        config.from_mapping(Section, {"where": 3})
