@@ -17,6 +17,7 @@ class RegistryConfig:
             then ``~/.docker/config.json``.
         connect_timeout: seconds to establish a connection (TCP and TLS).
         read_timeout: seconds without receiving a byte before a read is abandoned.
+        request_timeout: seconds one whole request (headers and body) may take.
         retries: attempts per request before a transient failure is reported (>= 1).
         backoff_base: seconds of the first retry delay; doubles per attempt, with full jitter.
         backoff_max: cap in seconds for one retry delay (also caps honoured ``Retry-After``).
@@ -38,6 +39,7 @@ class RegistryConfig:
     docker_config: Path | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    request_timeout: float = 120.0
     retries: int = 4
     backoff_base: float = 0.2
     backoff_max: float = 5.0

@@ -137,9 +137,9 @@ class RegistrySourceFactory:
                                    localhost_plain_http=self.config.localhost_plain_http)
             found = [e for e in every if "pull" in e.capabilities or not e.is_mirror]
             self._endpoints[ref.host] = found
-        return [self._effective(e) for e in found]
+        return [self.effective(e) for e in found]
 
-    def _effective(self, endpoint: Endpoint) -> Endpoint:
+    def effective(self, endpoint: Endpoint) -> Endpoint:
         if endpoint.netloc in self._plain_http and endpoint.scheme == "https":
             return replace(endpoint, scheme="http", plain_http_fallback=False)
         return endpoint
@@ -159,7 +159,7 @@ class RegistrySourceFactory:
         """Remember that ``endpoint``'s loopback host speaks plain HTTP; return the HTTP twin."""
         log.info("registry %s does not answer HTTPS; using plain HTTP (loopback host)", endpoint.netloc)
         self._plain_http.add(endpoint.netloc)
-        return self._effective(endpoint)
+        return self.effective(endpoint)
 
     def client(self, endpoint: Endpoint | None, url: str) -> httpx.AsyncClient:
         """The shared client for ``endpoint``, or for the bare host of ``url`` (redirects, URLs)."""
@@ -397,6 +397,7 @@ class RegistrySource:
         return reply
 
     async def _via_registry(self, method: str, endpoint: Endpoint, spans: list[Span]) -> _Reply:
+        endpoint = self._factory.effective(endpoint)  # learnt since open: plain HTTP for loopback
         auth = self._factory.auth
         repo = self._ref.repository
         url = endpoint.blob_url(repo, self._digest)
@@ -453,9 +454,23 @@ class RegistrySource:
 
     async def _exchange(self, client: httpx.AsyncClient, method: str, url: str, headers: dict[str, str],
                         spans: list[Span], *, expired_ok: bool) -> _Reply:
-        """Send one request and validate its answer against ``spans``."""
+        """Send one request and validate its answer against ``spans``.
+
+        The whole exchange is bounded by ``config.request_timeout``, so a server that trickles
+        bytes just fast enough to beat the read timeout cannot hold a read forever.
+        """
         where = urlsplit(url).netloc
         self._requests += 1
+        try:
+            with trio.fail_after(self._config.request_timeout):
+                return await self._exchange_once(client, method, url, headers, spans, expired_ok, where)
+        except trio.TooSlowError as exc:
+            raise TransientSourceError(f"{where} took longer than {self._config.request_timeout}s "
+                                       f"for {self._digest}") from exc
+
+    async def _exchange_once(self, client: httpx.AsyncClient, method: str, url: str,
+                             headers: dict[str, str], spans: list[Span], expired_ok: bool,
+                             where: str) -> _Reply:
         try:
             async with client.stream(method, url, headers=headers) as resp:
                 status = resp.status_code

@@ -336,3 +336,31 @@ def test_many_batches_are_fetched_concurrently_and_correctly(anon_registry: Blob
     assert len(blob_requests(proxy)) == 5
     # Concurrency is visible in the proxy: some requests were in flight together.
     assert max(r.concurrent for r in proxy.requests() if r.is_blob) > 1
+
+
+def test_whole_request_deadline(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    proxy.set_delay(1.0)
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            size=SMALL, retries=1, request_timeout=0.3)
+        try:
+            with pytest.raises(TransientSourceError, match=r"took longer than 0\.3s"):
+                await source.read_ranges([(0, 10)])
+        finally:
+            await factory.aclose()
+
+    run(body)
+
+
+def test_size_disagreeing_with_the_server_is_refused(anon_registry: Blobs, tmp_path: Path) -> None:
+    async def body() -> None:
+        factory, source = await open_source(anon_registry.host, anon_registry.small_digest, tmp_path,
+                                            size=SMALL + 1)
+        try:
+            with pytest.raises(SourceError, match=f"has {SMALL} bytes, expected {SMALL + 1}"):
+                await source.read_ranges([(0, 10)])
+        finally:
+            await factory.aclose()
+
+    run(body)
