@@ -63,6 +63,7 @@ _session_active = False
 
 
 def _bind_mount(source: str, target: str) -> None:
+    _detach_if_dead(target)
     if _libc.mount(source.encode(), target.encode(), None, _MS_BIND, None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"bind mount {source} on {target}: {os.strerror(err)}")
@@ -363,16 +364,17 @@ async def open_layer_manager(config: FusefsConfig, source_factory: SourceFactory
             nursery.cancel_scope.cancel()
 
 
+def _detach_if_dead(path: str) -> None:
+    """Lazily unmount ``path`` if it is a mount of a FUSE session that died (a crashed daemon)."""
+    try:
+        os.statvfs(path)  # never answered from the kernel's attribute cache
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+        log.warning("%s is a dead FUSE mount from an earlier run: detaching it", path)
+        _libc.umount2(path.encode(), _MNT_DETACH)
+
+
 def _prepare_mountpoint(mountpoint: Path) -> None:
-    try:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise
-        log.warning("%s is a dead FUSE mount from an earlier run: detaching it", mountpoint)
-        _libc.umount2(str(mountpoint).encode(), _MNT_DETACH)
+    _detach_if_dead(str(mountpoint))
+    mountpoint.mkdir(parents=True, exist_ok=True)

@@ -120,5 +120,14 @@ class FuseServer:
             self._log_file.close()
         self.returncode = proc.returncode
 
+    def kill(self) -> None:
+        """Simulate a crash: SIGKILL by PID, leaving its mounts behind (dead, ENOTCONN)."""
+        proc, self._proc = self._proc, None
+        assert proc is not None
+        proc.kill()
+        proc.wait(timeout=30)
+        self._log_file.close()
+        self.returncode = proc.returncode
+
     def log_text(self) -> str:
         return self.log.read_text()

@@ -239,3 +239,25 @@ def test_prefetch_and_background_fetch_at_mount(work: Path) -> None:
     log = server.log_text()
     assert "prefetched" in log and "background fetch complete" in log
     _assert_clean_log(server)
+
+
+def test_remount_after_a_crash(work: Path) -> None:
+    case = layer_case("esgz-default", 0)
+    mountpoint = work / "l0"
+    first = FuseServer(work, [FIXTURES / "esgz-default"])
+    first.start()
+    try:
+        assert first.mount(case, mountpoint)["ok"]
+        assert (mountpoint / "etc" / "hostname").read_bytes() == b"fixture\n"
+    finally:
+        first.kill()
+    with pytest.raises(OSError) as info:
+        os.statvfs(mountpoint)
+    assert info.value.errno == errno.ENOTCONN  # what a crashed daemon leaves behind
+    with FuseServer(work, [FIXTURES / "esgz-default"]) as server:
+        assert server.mount(case, mountpoint)["ok"]
+        assert server.stats(case)["source_calls"] == 0  # index persisted by the first run
+        rows, inodes = contract.tree_from_fs(str(mountpoint))
+        contract.assert_tree(rows, inodes, contract.load_tsv(case.expected))
+    assert "dead FUSE mount" in server.log_text()
+    _assert_clean_log(server)
