@@ -69,11 +69,15 @@ def test_nearby_ranges_are_coalesced_into_one_request(anon_registry: Blobs, prox
                                             size=len(blob), coalesce_gap=8192)
         try:
             assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
+            # Plain HTTP was learnt on the first request (loopback fallback): one request per read.
+            before = source.statistics().requests
+            assert await source.read_ranges(ranges[:1]) == [blob[1000:1100]]
+            assert source.statistics().requests == before + 1
         finally:
             await factory.aclose()
 
     run(body)
-    assert blob_requests(proxy) == ["bytes=1000-5009,200000-200299"]
+    assert blob_requests(proxy) == ["bytes=1000-5009,200000-200299", "bytes=1000-1099"]
 
 
 @pytest.mark.parametrize("which", ["small", "large"])
