@@ -9,6 +9,12 @@ retried here, with exponential backoff and full jitter, and nowhere else.
 
 Every response is checked against what was asked: status, Content-Range, length. Bytes of the
 wrong length are never returned; digests are the caller's job.
+
+Concurrency: everything runs in the trio thread. Any number of tasks may call one source at
+once; shared state (redirect target, multi-range support, token cache, plain-HTTP and mirror
+cooldown memory) is only read and replaced between awaits, never held across one, so a stale
+value costs at most one extra request. Token fetches for one (realm, service, scope) are
+serialised by a lock so concurrent 401s cause one fetch.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -668,3 +675,10 @@ async def _drain(resp: httpx.Response, limit: int) -> None:
         seen += len(chunk)
         if seen > limit:
             break
+
+
+if TYPE_CHECKING:
+    from fusefs.sources.base import BlobSource, SourceFactory
+
+    def _implements(f: RegistrySourceFactory, s: RegistrySource) -> tuple[SourceFactory, BlobSource]:
+        return f, s  # mypy checks here that both satisfy the protocols structurally
