@@ -369,7 +369,10 @@ def remove_snapshot_dir(path: str) -> None:
         log.warning("snapshot directory still has mounts; left for Cleanup", extra={"path": path})
         return
     try:
-        shutil.rmtree(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)  # not ours to keep: only snapshot directories belong in snapshots/
     except FileNotFoundError:
         pass
     except OSError as exc:

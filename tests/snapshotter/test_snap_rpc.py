@@ -138,16 +138,20 @@ def test_remove_and_cleanup_directories(snapd: Snapd, client: Client, workdir: P
     # (the mounted directory's own files must survive: nothing is deleted through a mount).
     (snaps / "987654" / "fs").mkdir(parents=True)
     (snaps / "new-123abc" / "fs").mkdir(parents=True)
+    (snaps / "stray-file").write_text("x")
+    (snaps / "stray-link").symlink_to(outside_link_target := workdir / "link-target")
+    outside_link_target.mkdir()
     outside = workdir / "outside"
     outside.mkdir()
     (outside / "precious").write_text("keep me")
     (snaps / "987655" / "fs").mkdir(parents=True)
     subprocess.run(["mount", "--bind", str(outside), str(snaps / "987655" / "fs")], check=True)
 
-    kept = {p.name for p in snaps.iterdir()} - {"987654", "new-123abc", "987655"}
+    kept = {p.name for p in snaps.iterdir()} - {"987654", "new-123abc", "987655", "stray-file", "stray-link"}
     client.Cleanup()
     assert {p.name for p in snaps.iterdir()} == kept and len(kept) == 1
     assert (outside / "precious").read_text() == "keep me"
+    assert outside_link_target.is_dir()  # a symlink is removed, never followed
     assert client.Stat(key="/k/keep").info.kind == pb.ACTIVE
 
 
