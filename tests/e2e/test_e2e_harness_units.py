@@ -84,6 +84,7 @@ def test_parse_combined_access_log() -> None:
     )
     entries = parse_combined_log(text)
     assert [(e.method, e.status, e.bytes) for e in entries] == [("GET", 200, 2), ("HEAD", 200, 0)]
+    assert [e.user_agent for e in entries] == ["curl/7.88.1", "containerd/1.6"]
     assert entries[1].blob_digest == "sha256:" + "a" * 64 and entries[0].blob_digest is None
 
 

@@ -4,7 +4,7 @@ distribution's access log leaves the Range header out; lazy-pull tests need it. 
 a thread of the test process on 127.0.0.1:<free port>, forwards every method (request bodies by
 Content-Length or chunked) to the registry unchanged, keeps the Host header (so upload Locations
 point back at the proxy) and streams responses back. Each completed request becomes one JSON line:
-{"method", "path", "status", "bytes", "range"}.
+{"method", "path", "status", "bytes", "range", "agent"}.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def read_proxy_log(text: str) -> list[AccessLogEntry]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        out.append(AccessLogEntry(rec["method"], rec["path"], rec["status"], rec["bytes"], rec["range"]))
+        out.append(AccessLogEntry(rec["method"], rec["path"], rec["status"], rec["bytes"], rec["range"],
+                                  rec.get("agent")))
     return out
 
 
@@ -89,7 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
                     sent += len(chunk)
         finally:
             upstream.close()
-            self.server.record(self.command, self.path, status, sent, self.headers.get("Range"))
+            self.server.record(self.command, self.path, status, sent, self.headers.get("Range"),
+                               self.headers.get("User-Agent"))
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
@@ -103,8 +105,10 @@ class _ProxyServer(ThreadingHTTPServer):
         self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in server_close
         self._lock = threading.Lock()
 
-    def record(self, method: str, path: str, status: int, sent: int, rng: str | None) -> None:
-        line = json.dumps({"method": method, "path": path, "status": status, "bytes": sent, "range": rng})
+    def record(self, method: str, path: str, status: int, sent: int, rng: str | None,
+               agent: str | None) -> None:
+        line = json.dumps({"method": method, "path": path, "status": status, "bytes": sent, "range": rng,
+                           "agent": agent})
         with self._lock:
             self._log.write(line + "\n")
             self._log.flush()

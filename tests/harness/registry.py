@@ -7,10 +7,10 @@
         reg.access_log_entries(since=mark)  # [AccessLogEntry(method, path, status, bytes, range)]
         reg.blob_bytes(since=mark)          # {"sha256:...": bytes served}
 
-distribution writes an Apache "combined" access log on stdout; it does not record the request's
-Range header. `Registry(..., log_ranges=True)` puts a small logging proxy (`rangeproxy`) in front:
-`host` is then the proxy, `direct_host` the registry, and entries come from the proxy's log with
-the Range header filled in. `htpasswd=(user, password)` turns on basic auth.
+distribution writes an Apache "combined" access log on stdout; it records the User-Agent but not
+the request's Range header. `Registry(..., log_ranges=True)` puts a small logging proxy
+(`rangeproxy`) in front: `host` is then the proxy, `direct_host` the registry, and entries come
+from the proxy's log with the Range header filled in. `htpasswd=(user, password)` turns on basic auth.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["AccessLogEntry", "Registry", "parse_combined_log"]
 _BIN = "/usr/bin/docker-registry"
 _COMBINED = re.compile(
     r'^(?P<client>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" '
-    r'(?P<status>\d{3}) (?P<bytes>\d+|-)')
+    r'(?P<status>\d{3}) (?P<bytes>\d+|-)(?: "[^"]*" "(?P<agent>[^"]*)")?')
 _BLOB_PATH = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64})$")
 
 
@@ -45,6 +45,7 @@ class AccessLogEntry:
     status: int
     bytes: int
     range: str | None = None  # the request's Range header; None when not logged or absent
+    user_agent: str | None = None  # who asked: "containerd/1.6…", lazysnapd's client, skopeo…
 
     @property
     def blob_digest(self) -> str | None:
@@ -61,7 +62,7 @@ def parse_combined_log(text: str) -> list[AccessLogEntry]:
         if m:
             size = m.group("bytes")
             out.append(AccessLogEntry(m.group("method"), m.group("path"), int(m.group("status")),
-                                      0 if size == "-" else int(size)))
+                                      0 if size == "-" else int(size), None, m.group("agent")))
     return out
 
 
