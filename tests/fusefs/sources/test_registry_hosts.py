@@ -58,7 +58,7 @@ def test_mirror_first_then_origin_when_it_fails(anon_registry: Blobs, tmp_path: 
                     f'  [host."http://{mirror.host}".header]\n    x-test = "1"\n')
 
         async def body() -> None:
-            factory = RegistrySourceFactory(config_for(tmp_path, mirror_cooldown=1.0))
+            factory = RegistrySourceFactory(config_for(tmp_path, mirror_cooldown=3.0))
             try:
                 assert await read(tmp_path, origin.host, digest, factory) == want
                 assert blob_gets(mirror) == [206] and blob_gets(origin) == []
@@ -69,7 +69,7 @@ def test_mirror_first_then_origin_when_it_fails(anon_registry: Blobs, tmp_path: 
                 assert await read(tmp_path, origin.host, digest, factory) == want
                 assert blob_gets(origin) == [206, 206] and blob_gets(mirror) == [206, 502]
                 mirror.reset()
-                await trio.sleep(1.1)
+                await trio.sleep(3.1)
                 assert await read(tmp_path, origin.host, digest, factory) == want
                 assert blob_gets(mirror) == [206, 502, 206]
             finally:
