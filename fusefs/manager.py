@@ -9,6 +9,7 @@ API (satisfies the snapshotter's ``LayerFilesystem`` Protocol structurally)::
     await manager.unmount(mountpoint)                       # the layer stays cached
     await manager.forget_layer(digest)                      # released for good: drop its cache
     await manager.aclose()                                  # unmount everything, stop FUSE
+    manager.statistics()                                    # frozen counters for metrics
 
 All methods run on the trio thread that called ``create`` (gRPC threads use
 ``trio.from_thread.run``). ``create`` mounts the one pyfuse3 session of the process at
@@ -35,15 +36,16 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
-from fusefs.cache import ChunkCache, layer_dirname
+from fusefs.cache import CacheStatistics, ChunkCache, layer_dirname
 from fusefs.config import FusefsConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, UnsupportedFormat
-from fusefs.fetch import ChunkFetcher, PriorityGate
+from fusefs.fetch import ChunkFetcher, FetchStatistics, PriorityGate
 from fusefs.formats import READERS
 from fusefs.index import LayerIndex, UnverifiedIndex
 from fusefs.layers import ROOT_INODE, LayerTable, MountedLayer
@@ -78,6 +80,16 @@ def _unmount(target: str) -> None:
         return
     err = ctypes.get_errno() or err
     raise OSError(err, f"unmount {target}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class ManagerStatistics:
+    """What metrics read: served layers, layer mountpoints, cache and per-layer fetch counters."""
+
+    layers: int
+    mounts: int
+    cache: CacheStatistics
+    fetch: dict[str, FetchStatistics]
 
 
 class LayerManager:
@@ -141,6 +153,11 @@ class LayerManager:
             if layer.digest == digest:
                 return os.path.join(self._fuse_root, layer.name.decode())
         return None
+
+    def statistics(self) -> ManagerStatistics:
+        served = {layer.digest: layer for layer in self._mounts.values()}
+        return ManagerStatistics(len(served), len(self._mounts), self.cache.statistics(),
+                                 {d: layer.fetcher.statistics() for d, layer in served.items()})
 
     def fetcher(self, digest: str) -> ChunkFetcher | None:
         """The fetcher of a mounted layer (statistics, tests)."""

@@ -84,13 +84,14 @@ async def _command(manager: LayerManager, factory: _CountingFactory, cmd: str, a
         return {"ok": True}
     if cmd == "stats":
         sources = factory.sources.get(arg, [])
-        fetcher = manager.fetcher(arg)
+        stats = manager.statistics()
+        fetch = stats.fetch.get(arg)
         return {
             "source_calls": sum(s.counters.calls for s in sources),
             "source_ranges": sum(s.counters.ranges for s in sources),
             "history": [list(h) for s in sources for h in s.history],
-            "fetch": dataclasses.asdict(fetcher.statistics()) if fetcher else None,
-            "cache": dataclasses.asdict(manager.cache.statistics()),
+            "fetch": dataclasses.asdict(fetch) if fetch else None,
+            "cache": dataclasses.asdict(stats.cache),
         }
     return {"error": "unknown command", "message": cmd}
 
