@@ -15,6 +15,7 @@ removes it at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -364,12 +365,16 @@ def remove_snapshot_dir(path: str) -> None:
     Mounts below ``path`` (a layer left mounted by a crash) are detached first; if one stays,
     the directory is left for a later Cleanup.
     """
+    if os.path.islink(path):  # resolving it would reach mounts outside our root
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
     _detach_stale(path)
     if syscalls.mounts_under(path):
         log.warning("snapshot directory still has mounts; left for Cleanup", extra={"path": path})
         return
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
+        if os.path.isdir(path):
             shutil.rmtree(path)
         else:
             os.unlink(path)  # not ours to keep: only snapshot directories belong in snapshots/

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from snapshotter import syscalls
 from snapshotter.api import mount_pb2
 from snapshotter.api import snapshots_pb2 as pb
 from tests.snapshotter.conftest import Client, Snapd, status_of
@@ -134,24 +135,29 @@ def test_remove_and_cleanup_directories(snapd: Snapd, client: Client, workdir: P
     client.Remove(key="/k/gone")
     assert not gone.exists()  # removal is synchronous, as containerd's default overlay does it
 
-    # Leftovers Cleanup must remove: an unknown id, a temp dir, and one with a mount inside it
-    # (the mounted directory's own files must survive: nothing is deleted through a mount).
-    (snaps / "987654" / "fs").mkdir(parents=True)
-    (snaps / "new-123abc" / "fs").mkdir(parents=True)
-    (snaps / "stray-file").write_text("x")
-    (snaps / "stray-link").symlink_to(outside_link_target := workdir / "link-target")
-    outside_link_target.mkdir()
+    # Leftovers Cleanup must remove: an unknown id, a temp dir, stray entries, and one with a
+    # mount inside it (the mounted directory's own files must survive: nothing is deleted
+    # through a mount, and a symlink is unlinked, never followed to mounts it leads to).
     outside = workdir / "outside"
     outside.mkdir()
     (outside / "precious").write_text("keep me")
+    (snaps / "987654" / "fs").mkdir(parents=True)
+    (snaps / "new-123abc" / "fs").mkdir(parents=True)
+    (snaps / "stray-file").write_text("x")
+    link_target = workdir / "link-target"
+    (link_target / "mnt").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(outside), str(link_target / "mnt")], check=True)
+    (snaps / "stray-link").symlink_to(link_target)
     (snaps / "987655" / "fs").mkdir(parents=True)
     subprocess.run(["mount", "--bind", str(outside), str(snaps / "987655" / "fs")], check=True)
 
-    kept = {p.name for p in snaps.iterdir()} - {"987654", "new-123abc", "987655", "stray-file", "stray-link"}
+    leftovers = {"987654", "new-123abc", "987655", "stray-file", "stray-link"}
+    kept = {p.name for p in snaps.iterdir()} - leftovers
     client.Cleanup()
     assert {p.name for p in snaps.iterdir()} == kept and len(kept) == 1
     assert (outside / "precious").read_text() == "keep me"
-    assert outside_link_target.is_dir()  # a symlink is removed, never followed
+    assert syscalls.is_mountpoint(str(link_target / "mnt"))
+    subprocess.run(["umount", str(link_target / "mnt")], check=True)
     assert client.Stat(key="/k/keep").info.kind == pb.ACTIVE
 
 
