@@ -230,8 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         owner = self.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._read_body()
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         path = self.path
         presigned = _PRESIGNED.match(path)
@@ -261,6 +260,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply_dropped(status, resp_headers, resp_body)
                 return
         self._reply(status, resp_headers, resp_body)
+
+    def _read_body(self) -> bytes:
+        """The request body, by Content-Length or chunked (pushes from ctr/skopeo use both)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
 
     def _use_presigned(self, key: str, headers: dict[str, str]) -> bool:
         with self.owner._lock:

@@ -14,12 +14,15 @@
   `containerd` is wired to `lazysnapd` (proxy plugin "lazysnap") and knows `registry`.
 
 Teardown stops every process by PID, unmounts what is left and removes the work dirs; a
-lazysnapd that left mounts behind after SIGTERM fails the test at teardown.
+lazysnapd that left mounts behind after SIGTERM fails the test at teardown. When the test itself
+failed, the tails of the lazysnapd and containerd logs are printed (pytest shows them under
+"Captured stdout teardown"); this needs the `pytest_runtest_makereport` hook below imported into
+the conftest.py as well.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +41,29 @@ __all__ = [
     "lazysnapd",
     "make_containerd",
     "make_lazysnapd",
+    "pytest_runtest_makereport",
     "ranged_registry",
     "registry",
     "test_image",
 ]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """Remember on the test item whether its call phase failed (for the log dumps at teardown)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        item.stash[_FAILED] = True
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+def _dump_logs_if_failed(request: pytest.FixtureRequest, name: str, path: Path) -> None:
+    if request.node.stash.get(_FAILED, False) and path.exists():
+        tail = "\n".join(path.read_text(errors="replace").splitlines()[-60:])
+        print(f"\n----- last lines of {name} log {path} -----\n{tail}")
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +100,7 @@ def estargz_image(ranged_registry: Registry) -> Iterator[tuple[BuiltImage, Estar
 
 
 @pytest.fixture
-def make_lazysnapd() -> Iterator[Callable[..., Lazysnapd]]:
+def make_lazysnapd(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lazysnapd]]:
     started: list[tuple[Lazysnapd, Path]] = []
 
     def make(**kwargs: Any) -> Lazysnapd:
@@ -95,6 +117,7 @@ def make_lazysnapd() -> Iterator[Callable[..., Lazysnapd]]:
     leftovers = []
     for snapd, work in reversed(started):
         left = snapd.stop()
+        _dump_logs_if_failed(request, "lazysnapd", snapd.log_path)
         if left:
             leftovers.append(f"{snapd.root}: {[str(p) for p in left]}")
         remove_tree(work)
@@ -108,7 +131,7 @@ def lazysnapd(make_lazysnapd: Callable[..., Lazysnapd]) -> Lazysnapd:
 
 
 @pytest.fixture
-def make_containerd(registry: Registry,
+def make_containerd(request: pytest.FixtureRequest, registry: Registry,
                     make_lazysnapd: Callable[..., Lazysnapd]) -> Iterator[Callable[..., Containerd]]:
     # depending on make_lazysnapd makes pytest stop containerd before any lazysnapd it talks to
     started: list[tuple[Containerd, Path]] = []
@@ -124,6 +147,7 @@ def make_containerd(registry: Registry,
     yield make
     for ctd, work in reversed(started):
         ctd.stop()
+        _dump_logs_if_failed(request, "containerd", ctd.log_path)
         remove_tree(work)
 
 
