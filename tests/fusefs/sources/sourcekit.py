@@ -126,7 +126,8 @@ class TokenServer:
     """A docker token server: GET with basic auth and POST oauth2 form, RS256 JWTs with x5c.
 
     Knobs: ``expires_in`` (what it tells clients), ``expired_next`` (how many next tokens carry an
-    ``exp`` already past, so the registry rejects them), ``get_disabled`` (GET answers 404).
+    ``exp`` already past, so the registry rejects them), ``get_disabled`` (GET answers 404),
+    ``anonymous_pull`` (pull tokens without credentials, like Docker Hub's public images).
     """
 
     key: Path
@@ -137,6 +138,7 @@ class TokenServer:
     expires_in: int = 300
     expired_next: int = 0
     get_disabled: bool = False
+    anonymous_pull: bool = False
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (method, user, grant)
     issued: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -204,10 +206,13 @@ class TokenServer:
                 if owner.get_disabled:
                     self._answer(404, {"details": "use POST"})
                     return
-                if not user:
+                scopes = q.get("scope", [])
+                if not user and owner.anonymous_pull:
+                    scopes = [sc for sc in scopes if sc.endswith(":pull")]
+                elif not user:
                     self._answer(401, {"details": "authentication required"})
                     return
-                self._answer(200, owner.issue(user, q.get("scope", [])))
+                self._answer(200, owner.issue(user, scopes))
 
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)

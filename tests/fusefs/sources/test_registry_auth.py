@@ -101,7 +101,7 @@ def test_missing_basic_credentials_are_named(basic_registry: tuple[str, bytes, s
 def tokens(token_registry: TokenRegistry, tmp_path: Path) -> Iterator[TokenRegistry]:
     """The token registry with default knobs and this test's docker config holding alice."""
     t = token_registry.tokens
-    t.expires_in, t.expired_next, t.get_disabled = 300, 0, False
+    t.expires_in, t.expired_next, t.get_disabled, t.anonymous_pull = 300, 0, False, False
     t.requests.clear()
     t.issued.clear()
     write_docker_config(tmp_path / "docker" / "config.json",
@@ -223,3 +223,10 @@ def test_forbidden_refreshes_the_token_once(tokens: TokenRegistry, tmp_path: Pat
 
     with FaultProxy(tokens.host) as proxy:
         assert run(lambda: body(proxy)) == 3
+
+
+def test_anonymous_pull_token(tokens: TokenRegistry, tmp_path: Path) -> None:
+    (tmp_path / "docker" / "config.json").unlink()
+    tokens.tokens.anonymous_pull = True
+    assert run(lambda: read_with(tmp_path, tokens.host, tokens.digest, RANGES)) == expect(tokens.blob)
+    assert tokens.tokens.requests == [("GET", "", "")]
