@@ -162,6 +162,11 @@ class IndexBuilder:
 
     # -- entries ------------------------------------------------------------------------
 
+    @property
+    def root(self) -> EntryHandle:
+        """The layer root, as a parent for :meth:`add_child`."""
+        return EntryHandle(self._root)
+
     def add(
         self,
         path: str,
@@ -178,20 +183,55 @@ class IndexBuilder:
     ) -> EntryHandle:
         """Add one entry; ``file_type`` is an ``stat.S_IF*`` constant, ``mode`` the 0o7777 bits.
 
-        Returns a handle for :meth:`add_chunk_to` (cheaper than naming the path again).
+        Returns a handle for :meth:`add_chunk_to` and :meth:`add_child`.
         """
+        draft = self._make_draft(path, file_type, mode, uid, gid, size, mtime_ns, target, rdev, xattrs)
+        parts = split_path(path)
+        if not parts:  # the root itself: keep its identity and children, take its attributes
+            if file_type != stat.S_IFDIR:
+                raise FormatError("layer root is not a directory")
+            root = self._root
+            root.mode, root.uid, root.gid, root.mtime_ns = draft.mode, draft.uid, draft.gid, draft.mtime_ns
+            root.xattrs.update(draft.xattrs)
+            return EntryHandle(root)
+        return self._insert(self._parent(parts), parts[-1], draft)
+
+    def add_child(
+        self,
+        parent: EntryHandle,
+        name: bytes,
+        file_type: int,
+        *,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        size: int = 0,
+        mtime_ns: int = 0,
+        target: str = "",
+        rdev: int = 0,
+        xattrs: Mapping[bytes, bytes] | None = None,
+    ) -> EntryHandle:
+        """Like :meth:`add`, under an already added directory: no path to split and resolve."""
+        if (not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > MAX_NAME
+                or parent.draft.children is None):
+            raise FormatError(f"invalid entry name {name[:80]!r} or parent")
+        what = name.decode("utf-8", "replace")
+        draft = self._make_draft(what, file_type, mode, uid, gid, size, mtime_ns, target, rdev, xattrs)
+        return self._insert(parent.draft, name, draft)
+
+    def _make_draft(self, what: str, file_type: int, mode: int, uid: int, gid: int, size: int,
+                    mtime_ns: int, target: str, rdev: int, xattrs: Mapping[bytes, bytes] | None) -> _Draft:
         if file_type not in (stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                              stat.S_IFIFO):
-            raise FormatError(f"unsupported file type {file_type:o} for {path[:80]!r}")
+            raise FormatError(f"unsupported file type {file_type:o} for {what[:80]!r}")
         if not 0 <= size <= MAX_FILE_SIZE:
-            raise FormatError(f"absurd size {size} for {path[:80]!r}")
+            raise FormatError(f"absurd size {size} for {what[:80]!r}")
         if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
-            raise FormatError(f"invalid owner for {path[:80]!r}")
-        parts = split_path(path)
+            raise FormatError(f"invalid owner for {what[:80]!r}")
         xa = dict(xattrs or {})
         for name, value in xa.items():
             if not name or len(name) > MAX_NAME or len(value) > MAX_XATTR_VALUE:
-                raise FormatError(f"invalid xattr on {path[:80]!r}")
+                raise FormatError(f"invalid xattr on {what[:80]!r}")
         draft = _Draft(
             mode=file_type | (mode & 0o7777), uid=uid, gid=gid,
             size=size if file_type == stat.S_IFREG else 0, mtime_ns=mtime_ns, rdev=rdev,
@@ -199,22 +239,20 @@ class IndexBuilder:
         )
         if file_type == stat.S_IFLNK:
             if not draft.target or len(draft.target) > MAX_PATH:
-                raise FormatError(f"invalid symlink target for {path[:80]!r}")
+                raise FormatError(f"invalid symlink target for {what[:80]!r}")
             draft.size = len(draft.target)
-        if not parts:  # the root itself: keep its children, take its attributes
-            if file_type != stat.S_IFDIR:
-                raise FormatError("layer root is not a directory")
-            draft.children = self._root.children
-            self._root = draft
-            return EntryHandle(draft)
-        parent = self._parent(parts)
-        assert parent.children is not None
-        old = parent.children.get(parts[-1])
         if file_type == stat.S_IFDIR:
-            draft.children = old.children if old is not None and old.children is not None else {}
+            draft.children = {}
+        return draft
+
+    def _insert(self, parent: _Draft, name: bytes, draft: _Draft) -> EntryHandle:
+        assert parent.children is not None
+        old = parent.children.get(name)
+        if draft.children is not None and old is not None and old.children is not None:
+            draft.children = old.children  # a directory declared again keeps its children
         if old is None:
             self._bump()
-        parent.children[parts[-1]] = draft
+        parent.children[name] = draft
         return EntryHandle(draft)
 
     def add_hardlink(self, path: str, target: str) -> None:

@@ -21,7 +21,7 @@ import trio
 
 import estargz
 from fusefs.errors import FormatError, UnsupportedFormat
-from fusefs.index import TRUSTED_OPAQUE_XATTR, Codec, IndexBuilder, UnverifiedIndex
+from fusefs.index import TRUSTED_OPAQUE_XATTR, Codec, EntryHandle, IndexBuilder, UnverifiedIndex
 from fusefs.sources.base import BlobSource
 
 TAIL_FETCH = 256 << 10  # first request: the footer, and the whole TOC of most small layers
@@ -83,28 +83,31 @@ def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xatt
     root_mtime = toc.mtime(estargz.ROOT)
     builder.add("", stat.S_IFDIR, mode=toc.mode(estargz.ROOT) or 0o755, uid=toc.uid(estargz.ROOT),
                 gid=toc.gid(estargz.ROOT), mtime_ns=root_mtime[0] * 10**9 + root_mtime[1])
+    dirs: dict[int, EntryHandle] = {estargz.ROOT: builder.root}
     later: list[int] = []  # hardlinks and whiteouts: after every entry they may refer to
-    for i in toc.iter_tree():
+    for i in toc.iter_tree():  # parents before children
         kind = toc.type(i)
-        if kind is estargz.EntryType.HARDLINK or toc.name(i).startswith(".wh."):
+        name = toc.name_bytes(i)
+        if kind is estargz.EntryType.HARDLINK or name.startswith(b".wh."):
             later.append(i)
             continue
-        path = toc.path(i)
         sec, nsec = toc.mtime(i)
         major, minor = toc.device(i)
-        handle = builder.add(
-            path, _TYPES[kind], mode=toc.mode(i), uid=toc.uid(i), gid=toc.gid(i), size=toc.size(i),
-            mtime_ns=sec * 10**9 + nsec,
+        handle = builder.add_child(
+            dirs[toc.parent(i)], name, _TYPES[kind], mode=toc.mode(i), uid=toc.uid(i), gid=toc.gid(i),
+            size=toc.size(i), mtime_ns=sec * 10**9 + nsec,
             target=toc.linkname(i) if kind is estargz.EntryType.SYMLINK else "",
             rdev=os.makedev(major, minor) if kind in (estargz.EntryType.CHAR, estargz.EntryType.BLOCK) else 0,
             xattrs={k.encode("utf-8", "surrogateescape"): v for k, v in toc.xattrs(i).items()},
         )
-        if kind is estargz.EntryType.REG:
+        if kind is estargz.EntryType.DIR:
+            dirs[i] = handle
+        elif kind is estargz.EntryType.REG:
             for c in toc.chunks(i):
                 if c.hole:
-                    raise UnsupportedFormat(f"{digest}: {path!r} has a hole chunk (not supported)")
+                    raise UnsupportedFormat(f"{digest}: {toc.path(i)!r} has a hole chunk (not supported)")
                 if c.digest is None:
-                    raise UnsupportedFormat(f"{digest}: {path!r} has a chunk without a digest (legacy)")
+                    raise UnsupportedFormat(f"{digest}: {toc.path(i)!r} has a chunk with no digest (legacy)")
                 builder.add_chunk_to(handle, file_offset=c.file_offset, size=c.size,
                                      blob_offset=c.compressed_offset, blob_end=c.compressed_end,
                                      codec=codec, digest=c.digest, inner_offset=c.inner_offset)

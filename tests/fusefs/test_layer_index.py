@@ -147,3 +147,22 @@ def test_100k_entries_stay_compact() -> None:
     assert per_entry < 300, per_entry
     node = _path(index, "dir042/file-012342.txt")
     assert index.attr(node).mtime_ns == 12342
+
+
+@pytest.mark.parametrize("name", [b"", b".", b"..", b"a/b", b"a\0b", b"n" * 256])
+def test_add_child_refuses_bad_names(name: bytes) -> None:
+    b = IndexBuilder(blob_size=10)
+    with pytest.raises(FormatError):
+        b.add_child(b.root, name, stat.S_IFREG)
+
+
+def test_add_child_builds_the_same_tree_as_paths() -> None:
+    b = IndexBuilder(blob_size=10)
+    etc = b.add_child(b.root, b"etc", stat.S_IFDIR, mode=0o700)
+    b.add_child(etc, b"hosts", stat.S_IFREG)
+    b.add("etc/", stat.S_IFDIR, mode=0o755)  # declared again: keeps its children
+    with pytest.raises(FormatError):
+        b.add_child(b.add("etc/hosts", stat.S_IFREG), b"under-a-file", stat.S_IFREG)
+    index = b.build(toc_digest=DIGEST).verify(DIGEST)
+    assert [p for p, _ in index.walk()] == ["etc", "etc/hosts"]
+    assert index.attr(_path(index, "etc")).mode == stat.S_IFDIR | 0o755
