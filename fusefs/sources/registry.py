@@ -233,6 +233,7 @@ class RegistrySource:
         self._retries = 0
         self._redirects_resolved = 0
         self._single_fallbacks = 0
+        self._warned_no_ranges = False
 
     @property
     def digest(self) -> str:
@@ -552,8 +553,10 @@ class RegistrySource:
         span = spans[0]
         if total is not None and span.end > total:
             raise SourceError(f"{where}: blob {self._digest} is {total} bytes, shorter than asked")
-        log.warning("blob %s: %s ignores Range; streaming past %d bytes to reach the range",
-                    self._digest, where, span.start)
+        if not self._warned_no_ranges:
+            self._warned_no_ranges = True
+            log.warning("blob %s: %s ignores Range; each read streams the blob up to its range",
+                        self._digest, where)
         return [Piece(span.start, await self._read_window(resp, span, where))]
 
     def _check_total(self, total: int | None, where: str) -> None:
