@@ -84,10 +84,11 @@ def load_tsv(path: Path, opaque_xattr: bytes = TRUSTED_OPAQUE_XATTR) -> Tree:
             if kind == "hardlink":
                 links[p] = rec["sha256|target|dev"]
                 continue
-            xattrs = tuple(sorted(tuple(x.split("=", 1)) for x in rec["xattrs"].split(";") if x))
+            pairs = (x.partition("=") for x in rec["xattrs"].split(";") if x)
+            xattrs = tuple(sorted((k, v) for k, _, v in pairs))
             rows[p] = Row(kind, int(rec["mode"], 8), int(rec["uid"]), int(rec["gid"]),
                           int(rec["size"]) if kind == "reg" else 0,
-                          rec["sha256|target|dev"], xattrs)  # type: ignore[arg-type]
+                          rec["sha256|target|dev"], xattrs)
     for p in opaque:
         r = rows[p]
         xattrs = tuple(sorted((*r.xattrs, (opaque_xattr.decode(), b"y".hex()))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -29,10 +30,10 @@ class BrokenSource(FileSource):
 
     failure: Exception | None = None
 
-    async def read_ranges(self, ranges: object) -> list[bytes]:  # type: ignore[override]
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         if self.failure is not None:
             raise self.failure
-        return await super().read_ranges(ranges)  # type: ignore[arg-type]
+        return await super().read_ranges(ranges)
 
 
 def _ops(tmp_path: Path) -> tuple[LayerOperations, LayerTable, BrokenSource]:
