@@ -3,8 +3,9 @@
 ``<hosts_dir>/<host>/hosts.toml`` (else ``<hosts_dir>/_default/hosts.toml``) lists mirrors as
 ``[host."<url>"]`` tables, tried in file order, and ``server`` (the origin, tried last). Keys
 understood: ``capabilities``, ``skip_verify``, ``ca``, ``client``, ``header``, ``override_path``.
-Relative certificate paths are resolved against the host's directory. A file that does not parse
-is an error, not a silent fallback to the origin.
+Relative certificate paths are resolved against the host's directory. A host directory without
+``hosts.toml`` is read the docker way (``*.crt`` CAs, ``*.cert``/``*.key`` client pairs). A file
+that does not parse is an error, not a silent fallback to the origin.
 """
 
 from __future__ import annotations
@@ -190,6 +191,10 @@ def load_endpoints(host: str, api_host: str, hosts_dir: Path | None, *,
                 table = _read_toml(path)
                 base = path.parent
                 break
+            if name != "_default" and path.parent.is_dir():
+                table = _docker_style_certs(path.parent)
+                base = path.parent
+                break
     endpoints: list[Endpoint] = []
     hosts = table.get("host", {})
     if not isinstance(hosts, Mapping):
@@ -210,6 +215,23 @@ def load_endpoints(host: str, api_host: str, hosts_dir: Path | None, *,
     endpoints.append(_endpoint(origin_url, origin_table, base, is_mirror=False, insecure=insecure,
                                loopback_fallback=localhost_plain_http))
     return endpoints
+
+
+def _docker_style_certs(directory: Path) -> dict[str, Any]:
+    """A host directory without hosts.toml, laid out the docker way: ``*.crt`` are CAs,
+    ``<name>.cert`` with ``<name>.key`` are client certificates (containerd reads these too)."""
+    try:
+        names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    except OSError as exc:
+        raise SourceError(f"cannot list {directory}: {exc.strerror}") from exc
+    ca = [n for n in names if n.endswith(".crt")]
+    client = [[n, n[:-5] + ".key"] for n in names if n.endswith(".cert") and n[:-5] + ".key" in names]
+    table: dict[str, Any] = {}
+    if ca:
+        table["ca"] = ca
+    if client:
+        table["client"] = client
+    return table
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

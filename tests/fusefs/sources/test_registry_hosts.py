@@ -198,3 +198,14 @@ def test_untrusted_certificate_is_not_downgraded(tls_registry: TlsRegistry, tmp_
     with pytest.raises(SourceError, match="certificate") as info:
         run(lambda: read(tmp_path, tls_registry.host, tls_registry.digest))
     assert "http://" not in str(info.value)
+
+
+def test_tls_docker_style_certs_directory(tls_registry: TlsRegistry, tmp_path: Path) -> None:
+    """No hosts.toml: the host directory holds ca.crt and client.cert/client.key, docker style."""
+    d = tmp_path / "certs.d" / tls_registry.host
+    d.mkdir(parents=True)
+    shutil.copy(tls_registry.dir / "ca.crt", d / "ca.crt")
+    shutil.copy(tls_registry.dir / "client.crt", d / "client.cert")
+    shutil.copy(tls_registry.dir / "client.key", d / "client.key")
+    got = run(lambda: read(tmp_path, tls_registry.host, tls_registry.digest))
+    assert got == [tls_registry.blob[o:o + n] for o, n in RANGES]
