@@ -30,9 +30,17 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def fuse_mounts() -> int:
-    return sum(1 for line in Path("/proc/self/mounts").read_text().splitlines()
-               if line.split()[2].startswith("fuse"))
+def fuse_mounts(root: Path | None) -> int:
+    """FUSE mounts below `root` (the snapshotter's own: other FUSE users on the host don't count)."""
+    if root is None:
+        return 0
+    prefix = str(root.resolve()) + "/"
+    count = 0
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2].startswith("fuse") and fields[1].replace("\\040", " ").startswith(prefix):
+            count += 1
+    return count
 
 
 @dataclass
@@ -83,7 +91,7 @@ def cold_start(env: BenchEnv, sn: Snapshotter, image: str, variant: str, rep: in
         rec.update(ok=False, error=f"reset failed: {exc}")
         return rec
     c = env.containerd
-    offset, rx0, fm0 = env.registry.log_offset(), env.rx_bytes(), fuse_mounts()
+    offset, rx0, fm0 = env.registry.log_offset(), env.rx_bytes(), fuse_mounts(sn.root)
     t0 = time.monotonic()
     error = None
     pull = run(sn.pull_argv(c.ctr(), c.ctr_remote(), rec["ref"]), log_path=runlog, check=False)
@@ -103,7 +111,7 @@ def cold_start(env: BenchEnv, sn: Snapshotter, image: str, variant: str, rep: in
     traffic = env.registry.traffic_since(offset)
     rec.update(reg_bytes=traffic.bytes, reg_requests=traffic.requests,
                reg_blob_requests=traffic.blob_requests, link_rx_bytes=rx1 - rx0,
-               new_fuse_mounts=fuse_mounts() - fm0, snapshotter_peak_rss_kib=sn.peak_rss_kib(),
+               new_fuse_mounts=fuse_mounts(sn.root) - fm0, snapshotter_peak_rss_kib=sn.peak_rss_kib(),
                containerd_peak_rss_kib=c.daemon.peak_rss_kib(), ok=error is None, log=str(runlog))
     if error:
         rec["error"] = error
@@ -146,7 +154,7 @@ def read_throughput(env: BenchEnv, sn: Snapshotter, image: str, variant: str, re
     cid = f"lzb-read-{os.getpid()}-{rep}"
     try:
         env.make_cold(sn)
-        offset, fm0 = env.registry.log_offset(), fuse_mounts()
+        offset, fm0 = env.registry.log_offset(), fuse_mounts(sn.root)
         run(sn.pull_argv(c.ctr(), c.ctr_remote(), rec["ref"]), log_path=runlog)
         run(c.ctr("run", "-d", "--snapshotter", sn.containerd_name, rec["ref"], cid, "sleep", "1000000"),
             log_path=runlog)
@@ -163,7 +171,7 @@ def read_throughput(env: BenchEnv, sn: Snapshotter, image: str, variant: str, re
         time.sleep(0.3)
         traffic = env.registry.traffic_since(offset)
         rec.update(reg_bytes=traffic.bytes, reg_requests=traffic.requests,
-                   new_fuse_mounts=fuse_mounts() - fm0, snapshotter_peak_rss_kib=sn.peak_rss_kib(),
+                   new_fuse_mounts=fuse_mounts(sn.root) - fm0, snapshotter_peak_rss_kib=sn.peak_rss_kib(),
                    containerd_peak_rss_kib=c.daemon.peak_rss_kib(), ok=digest == expected_read_digest(image))
         if not rec["ok"]:
             rec["error"] = f"{file} read back with sha256 {digest}, not the generated content"
