@@ -85,3 +85,31 @@ def test_oversized_chunk_counts_are_refused(tmp_path: Path) -> None:
     blob.write_bytes(_estargz_with_toc(entries))
     with pytest.raises((FormatError, UnsupportedFormat)):
         trio.run(read_estargz, FileSource(blob, "sha256:" + "1" * 64))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=[CASES[0].name, CASES[4].name])
+def test_toc_outside_the_first_tail_request_takes_one_more(case: contract.Case, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusefs.formats.estargz as reader_module
+
+    monkeypatch.setattr(reader_module, "TAIL_FETCH", 64)
+    source = FileSource(case.blob, case.digest)
+    trio.run(read_estargz, source).verify(case.toc_digest)
+    assert source.counters.calls == 2 and source.history[0][0][1] == 64
+    contract.check_tree(read_estargz, case, tmp_path)
+
+
+def test_plain_tar_gzip_layer_is_unsupported(tmp_path: Path) -> None:
+    tar_buf = io.BytesIO()
+    with tarfile.open(fileobj=tar_buf, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    blob = tmp_path / "plain"
+    blob.write_bytes(gzip.compress(tar_buf.getvalue()))
+    with pytest.raises(UnsupportedFormat):
+        trio.run(read_estargz, FileSource(blob, "sha256:" + "1" * 64))
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with pytest.raises(UnsupportedFormat):
+        trio.run(read_estargz, FileSource(empty, "sha256:" + "1" * 64))
