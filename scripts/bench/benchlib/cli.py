@@ -55,6 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="do not touch the markdown file")
     p.add_argument("--lazysnap-config", type=Path, help="passed to lazysnapd as --config")
     p.add_argument("--strict", action="store_true", help="fail when a snapshotter is not available")
+    p.add_argument("--report", metavar="RUN_ID",
+                   help="measure nothing: rewrite the docs sections from a finished run's results")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.quick:  # a smoke run: every snapshotter asked for must work
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    if args.report:
+        records, info = report.load_run(RESULTS_DIR, args.report)
+        report.write_docs(args.docs, records, info)
+        log.info("updated %s from run %s", args.docs, args.report)
+        return 0
     if os.geteuid() != 0:
         log.error("run as root: the bench mounts filesystems and creates network namespaces")
         return 2
@@ -190,6 +197,7 @@ def _bench(args: argparse.Namespace) -> int:
     unavailable = {n: s.unavailable for n, s in snapshotters.items() if s.unavailable is not None}
     info = report.RunInfo(run_id, now.strftime("%Y-%m-%d %H:%M UTC"),
                           shlex.join(["scripts/bench/run", *sys.argv[1:]]), link, args.reps, unavailable)
+    report.save_info(RESULTS_DIR / f"{run_id}.info.json", info)
     if records:
         summary = ""
         if any(r["kind"] == "coldstart" for r in records):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -39,6 +40,18 @@ def machine() -> str:
     mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
     return (f"{cpu}, {os.cpu_count()} cores, {mem_kib / (1 << 20):.0f} GiB RAM, "
             f"Linux {platform.release()}")
+
+
+def save_info(path: Path, info: RunInfo) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(info), indent=1) + "\n")
+
+
+def load_run(results: Path, run_id: str) -> tuple[list[dict[str, Any]], RunInfo]:
+    """The records and RunInfo a finished run left in `results`."""
+    info = RunInfo(**json.loads((results / f"{run_id}.info.json").read_text()))
+    with (results / f"{run_id}.jsonl").open() as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records, info
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
