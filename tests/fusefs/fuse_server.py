@@ -2,7 +2,8 @@
 
 Usage: ``python3 fuse_server.py '<json config>'``. Config keys: ``fuse`` (session mountpoint),
 ``cache`` (cache dir), ``cache_max`` (bytes), ``roots`` (blob dirs for FileSourceFactory),
-``prefetch``/``background`` (bools), ``failure_ttl`` (seconds). Once the session is mounted it
+``prefetch``/``background`` (bools), ``failure_ttl`` (seconds), ``registry_hosts`` (plain-HTTP
+registry hosts: use the real registry source instead of files). Once the session is mounted it
 prints ``READY`` and then answers one JSON line per command line read on stdin:
 
     mount <json {"digest", "toc_digest", "mountpoint", "size"?, "neighbours"?}>
@@ -27,7 +28,10 @@ import trio
 from fusefs.config import CacheConfig, FetchConfig, FuseConfig, FusefsConfig, PrefetchConfig
 from fusefs.errors import LayerError
 from fusefs.manager import LayerManager, open_layer_manager
+from fusefs.sources.base import SourceFactory
+from fusefs.sources.config import RegistryConfig
 from fusefs.sources.file import FileSource, FileSourceFactory
+from fusefs.sources.registry import RegistrySourceFactory
 from fusefs.spec import LayerSpec
 
 
@@ -53,7 +57,22 @@ async def _serve(cfg: dict[str, Any]) -> None:
                                 background=bool(cfg.get("background", False))),
     )
     factory = _CountingFactory([Path(r) for r in cfg["roots"]])
-    async with open_layer_manager(config, factory) as manager:
+    source_factory: SourceFactory = factory
+    registry: RegistrySourceFactory | None = None
+    if cfg.get("registry_hosts"):
+        registry = RegistrySourceFactory(RegistryConfig(
+            hosts_dir=None, docker_config=Path(cfg["cache"]) / "no-docker-config.json",
+            insecure_hosts=tuple(cfg["registry_hosts"])))
+        source_factory = registry
+    try:
+        await _run(config, source_factory, factory)
+    finally:
+        if registry is not None:
+            await registry.aclose()
+
+
+async def _run(config: FusefsConfig, source_factory: SourceFactory, factory: _CountingFactory) -> None:
+    async with open_layer_manager(config, source_factory) as manager:
         print("READY", flush=True)
         stdin = trio.wrap_file(sys.stdin)
         while True:
@@ -71,8 +90,9 @@ async def _serve(cfg: dict[str, Any]) -> None:
 async def _command(manager: LayerManager, factory: _CountingFactory, cmd: str, arg: str) -> dict[str, Any]:
     if cmd == "mount":
         req = json.loads(arg)
-        spec = LayerSpec(ref="test.local/fixture:latest", digest=req["digest"], size=req.get("size"),
-                         toc_digest=req.get("toc_digest"), prefetch_size=req.get("prefetch_size"),
+        spec = LayerSpec(ref=req.get("ref", "test.local/fixture:latest"), digest=req["digest"],
+                         size=req.get("size"), toc_digest=req.get("toc_digest"),
+                         prefetch_size=req.get("prefetch_size"),
                          neighbours=tuple(req.get("neighbours", ())))
         await manager.mount(spec, req["mountpoint"])
         return {"ok": True, "path": manager.layer_path(req["digest"])}
