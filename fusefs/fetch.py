@@ -59,6 +59,14 @@ class PriorityGate:
         await trio.lowlevel.checkpoint()
 
 
+def _again(exc: LayerError) -> LayerError:
+    """A fresh copy of a remembered error (re-raising one object would pile up tracebacks)."""
+    try:
+        return type(exc)(*exc.args)
+    except Exception:  # a subclass with another constructor: keep the message and the family
+        return LayerError(str(exc))
+
+
 @dataclass(eq=False)
 class _Flight:
     event: trio.Event
@@ -160,7 +168,7 @@ class ChunkFetcher:
                 failed = self._failures.get(cid)
                 if failed is not None:
                     if now < failed[0]:
-                        raise type(failed[1])(str(failed[1]))
+                        raise _again(failed[1])
                     del self._failures[cid]
                 flight = self._inflight.get(cid)
                 if flight is not None:
@@ -177,7 +185,7 @@ class ChunkFetcher:
             for cid, flight in theirs:
                 await flight.event.wait()
                 if flight.error is not None:
-                    raise type(flight.error)(str(flight.error))
+                    raise _again(flight.error)
                 if flight.data is None:  # the leader was cancelled: try again
                     pending.append(cid)
                 else:
