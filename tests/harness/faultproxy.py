@@ -47,6 +47,7 @@ class Recorded:
     bytes: int
     authorization: str | None = None
     concurrent: int = 1  # requests in flight at the proxy when this one arrived, itself included
+    client_port: int = 0  # the client's TCP port: equal ports mean one kept-alive connection
 
     @property
     def is_blob(self) -> bool:
@@ -402,4 +403,5 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _log(self, status: int, sent: int) -> None:
         self.owner._record(Recorded(self.command, self.path, self.headers.get("Range"), status, sent,
-                                    self.headers.get("Authorization"), self._concurrent))
+                                    self.headers.get("Authorization"), self._concurrent,
+                                    self.client_address[1]))

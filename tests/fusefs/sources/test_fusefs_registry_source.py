@@ -78,6 +78,8 @@ def test_nearby_ranges_are_coalesced_into_one_request(anon_registry: Blobs, prox
 
     run(body)
     assert blob_requests(proxy) == ["bytes=1000-5009,200000-200299", "bytes=1000-1099"]
+    # Both went over one kept-alive connection.
+    assert len({r.client_port for r in proxy.requests() if r.is_blob}) == 1
 
 
 @pytest.mark.parametrize("which", ["small", "large"])
