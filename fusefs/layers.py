@@ -28,6 +28,7 @@ class MountedLayer:
     index: LayerIndex
     fetcher: ChunkFetcher
     mountpoints: set[str] = field(default_factory=set)
+    binding: int = 0  # bind mounts in progress: the layer must stay served until they finish
 
     @property
     def base(self) -> int:

@@ -179,19 +179,21 @@ class LayerManager:
         lock = self._opening.setdefault(spec.digest, trio.Lock())
         async with lock:
             layer = self._served(spec.digest)
-            opened_here = layer is None
             if layer is None:
                 layer = await self._open_layer(spec)
         src = os.path.join(self._fuse_root, layer.name.decode())
+        layer.binding += 1
         try:
             await trio.to_thread.run_sync(_bind_mount, src, mountpoint)
         except BaseException as exc:  # including cancellation: never leave a layer half mounted
-            if opened_here and not layer.mountpoints:
+            layer.binding -= 1
+            if not layer.mountpoints and not layer.binding:
                 with trio.CancelScope(shield=True):
                     await self._close_layer(layer)
             if isinstance(exc, OSError):
                 raise LayerError(f"cannot mount layer {spec.digest} on {mountpoint}: {exc}") from exc
             raise
+        layer.binding -= 1
         layer.mountpoints.add(mountpoint)
         self._mounts[mountpoint] = layer
         log.info("mounted layer %s (%d nodes) on %s", spec.digest, layer.index.node_count, mountpoint)
@@ -226,7 +228,7 @@ class LayerManager:
                 raise LayerError(str(exc)) from exc
         del self._mounts[mountpoint]
         layer.mountpoints.discard(mountpoint)
-        if not layer.mountpoints:
+        if not layer.mountpoints and not layer.binding:
             await self._close_layer(layer)
 
     async def forget_layer(self, digest: str) -> None:
