@@ -180,7 +180,13 @@ class LayerManager:
         async with lock:
             layer = self._served(spec.digest)
             if layer is None:
-                layer = await self._open_layer(spec)
+                try:
+                    layer = await self._open_layer(spec)
+                except LayerError:
+                    raise
+                except Exception as exc:  # a bug: log it loudly, but let the snapshotter fall back
+                    log.exception("unexpected error opening layer %s", spec.digest)
+                    raise LayerError(f"internal error opening layer {spec.digest}: {exc!r}") from exc
         src = os.path.join(self._fuse_root, layer.name.decode())
         layer.binding += 1
         try:
