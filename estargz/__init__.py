@@ -43,8 +43,17 @@ Decisions on untrusted TOCs (every violation is a TOCError naming the entry):
 A chunk's ``digest`` is ``chunkDigest``, or for single-chunk files of TOCs without any chunk
 entries (legacy stargz), the file's ``digest``, as upstream accepts.
 
-:class:`BlobReader` is a synchronous convenience over ``read_at(offset, length)``; :func:`convert`
-writes eStargz or zstd:chunked from a tar. ``python -m estargz`` is the command line.
+Thread safety: every function is pure and a built ``TOC`` is immutable, so any thread may read it.
+``parse_toc`` is CPU-bound (about 1 s per 100k entries) and pauses the cyclic GC while it runs:
+call it from a worker thread in async code.
+
+Also here: :class:`BlobReader`, a synchronous convenience over ``read_at(offset, length)``
+(``read_file``, ``read_chunks``, ``iter_tree``) with :class:`BlobFile` for local files;
+:func:`extract` (tree to a directory through dir fds, never outside it); :func:`convert` /
+:func:`convert_file`, the writer (tar, tar.gz or tar.zst in; eStargz or zstd:chunked out; chunk size,
+level, prioritized files + ``.prefetch.landmark``; returns a :class:`ConvertResult` with TOC digest,
+diffID, sizes and the layer annotations; raises :class:`InputError`). ``python -m estargz``
+(``toc``, ``ls``, ``extract``, ``convert``) is the command line.
 """
 
 from __future__ import annotations
