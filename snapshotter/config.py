@@ -16,6 +16,14 @@ Example::
 
     [grpc]
     max_workers = 16
+
+    [fuse]
+    enable = true
+
+    [registry]
+    insecure_hosts = ["127.0.0.1:5000"]
+
+``docs/config.md`` is generated from the fields' metadata by ``scripts/gen-config-doc.py``.
 """
 
 from __future__ import annotations
@@ -54,17 +62,87 @@ class GrpcConfig:
 
 @dataclass(frozen=True)
 class FuseConfig:
-    """``[fuse]``: the FUSE session serving remote layers (fields come with fusefs)."""
+    """``[fuse]``: the one FUSE session that serves lazily fetched layers."""
+
+    enable: bool = setting(True, "serve eStargz layers lazily; false: every layer is unpacked normally")
+    mountpoint: str | None = setting(None, "where the FUSE session is mounted; unset: <root>/fuse", "path")
+    attr_timeout: float = setting(86400.0, "how long the kernel may cache file attributes (layers never "
+                                  "change)", "seconds", min=0.0, max=1e9)
+    entry_timeout: float = setting(86400.0, "how long the kernel may cache name lookups", "seconds",
+                                   min=0.0, max=1e9)
+    allow_other: bool = setting(True, "let every user (container processes) read the layers")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """``[cache]``: the chunk cache (fields come with fusefs)."""
+    """``[cache]``: the on-disk cache of verified chunks and layer indexes."""
+
+    dir: str | None = setting(None, "cache directory; unset: <root>/cache", "path")
+    max_bytes: int = setting(10 << 30, "bound on cached chunk bytes; chunks of unmounted layers are "
+                             "evicted first", "bytes", min=1 << 20, max=1 << 50)
+    fsync: bool = setting(True, "fsync each chunk before it enters the cache (safe after a power loss)")
+    memory_bytes: int = setting(32 << 20, "per layer, verified chunks the disk cache could not keep are "
+                                "held in memory up to this", "bytes", min=0, max=1 << 34)
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """``[fetch]``: how missing chunks are fetched and verified."""
+
+    allow_no_verification: bool = setting(False, "mount layers without a TOC digest label (unverified TOC, "
+                                          "logged); false: they are unpacked normally")
+    valid_interval: float = setting(60.0, "a successful reachability check of a layer's blob is not "
+                                    "repeated for this long", "seconds", min=0.0, max=86400.0)
+    max_range_bytes: int = setting(16 << 20, "most compressed bytes asked in one coalesced range", "bytes",
+                                   min=4096, max=1 << 30)
+    max_ranges_per_read: int = setting(32, "most ranges fetched for one read", "ranges", min=1, max=4096)
+    thread_threshold: int = setting(64 << 10, "chunks at least this large decode and hash in a worker "
+                                    "thread", "bytes", min=0, max=1 << 30)
+    failure_ttl: float = setting(2.0, "a chunk that failed to fetch fails fast for this long", "seconds",
+                                 min=0.0, max=3600.0)
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """``[prefetch]``: work done when a layer is mounted, and in the background."""
+
+    noprefetch: bool = setting(False, "do not fetch the landmark prefix (prioritized files) at mount")
+    no_background_fetch: bool = setting(False, "do not fetch the rest of each layer in the background")
+    background_rate: int = setting(0, "bandwidth the background fetch may use, 0 = unlimited",
+                                   "bytes/second", min=0, max=1 << 40)
+    background_step_bytes: int = setting(4 << 20, "compressed bytes per background request", "bytes",
+                                         min=4096, max=1 << 30)
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """``[registry]``: registry access, mirrors, credentials (fields come with fusefs)."""
+    """``[registry]``: how layer blobs are read from registries (mirrors, credentials, retries)."""
+
+    hosts_dir: str = setting("/etc/containerd/certs.d", "containerd certs.d directory with "
+                             "<host>/hosts.toml mirrors and certificates", "path")
+    docker_config: str | None = setting(None, "docker config.json with credentials; unset: "
+                                        "$DOCKER_CONFIG/config.json, then ~/.docker/config.json", "path")
+    insecure_hosts: tuple[str, ...] = setting((), "host[:port] names reached over plain HTTP without "
+                                              "trying HTTPS")
+    localhost_plain_http: bool = setting(True, "fall back to plain HTTP for loopback registries when "
+                                         "HTTPS fails, as containerd does")
+    connect_timeout: float = setting(10.0, "time to establish a connection (TCP and TLS)", "seconds",
+                                     min=0.1, max=3600.0)
+    read_timeout: float = setting(30.0, "time without receiving a byte before a read is abandoned",
+                                  "seconds", min=0.1, max=3600.0)
+    fetching_timeout_sec: float = setting(120.0, "time one whole request (headers and body) may take",
+                                          "seconds", min=0.1, max=86400.0)
+    max_retries: int = setting(4, "attempts per request before a transient failure is reported",
+                               "attempts", min=1, max=100)
+    min_wait_msec: int = setting(200, "first retry delay; doubles per attempt, with full jitter",
+                                 "milliseconds", min=0, max=600_000)
+    max_wait_msec: int = setting(5000, "cap on one retry delay (also on an honoured Retry-After)",
+                                 "milliseconds", min=0, max=600_000)
+    force_single_range_mode: bool = setting(False, "never send multi-range requests")
+    max_ranges_per_request: int = setting(16, "ranges sent in one multi-range request", "ranges",
+                                          min=1, max=1024)
+    mirror_cooldown: float = setting(30.0, "a mirror that failed transiently is skipped this long "
+                                     "(0: never skipped)", "seconds", min=0.0, max=86400.0)
 
 
 @dataclass(frozen=True)
@@ -82,6 +160,8 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

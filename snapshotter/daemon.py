@@ -7,6 +7,11 @@ thread pool; servicer methods block in those threads (sqlite, directory walks, m
 reach the trio loop with ``trio.from_thread.run`` only for layer-filesystem calls. Components that
 live on the loop (the fusefs FUSE session) are entered as async context managers on one exit stack
 inside the daemon's nursery, so they stop in reverse order after the gRPC server has stopped.
+
+Lazy layers: with ``[fuse] enable`` (the default) :func:`open_lazy_layers` serves remote snapshots
+through fusefs (a :class:`~fusefs.manager.LayerManager` reading blobs through a
+:class:`~fusefs.sources.registry.RegistrySourceFactory`); ``run`` takes any other
+:data:`LayerFilesystemFactory` (tests pass bind-mount fakes) or none (every layer is unpacked).
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import trio
 
+from fusefs import config as fusefs_config_mod
+from fusefs.manager import LayerManager, open_layer_manager
+from fusefs.sources.config import RegistryConfig as SourceRegistryConfig
+from fusefs.sources.registry import RegistrySourceFactory
 from snapshotter import config as config_mod
 from snapshotter import logs, systemd
 from snapshotter.api import snapshots_pb2_grpc
@@ -51,6 +61,76 @@ EXIT_STARTUP = 1
 
 class StartupError(Exception):
     """The daemon cannot start: socket already served, root locked, bind failed."""
+
+
+OPAQUE_XATTR_TRUSTED = b"trusted.overlay.opaque"
+OPAQUE_XATTR_USER = b"user.overlay.opaque"
+
+
+def fusefs_config(cfg: Config, userxattr: bool) -> fusefs_config_mod.FusefsConfig:
+    """fusefs's settings from lazysnapd's; paths left unset default to ``<root>/fuse`` and ``<root>/cache``.
+
+    ``userxattr``: the overlay mounts use ``user.*`` xattrs, so layers must show opaque
+    directories as ``user.overlay.opaque`` rather than ``trusted.overlay.opaque``.
+    """
+    root = Path(os.path.abspath(cfg.root))
+    fuse, cache, fetch, prefetch = cfg.fuse, cfg.cache, cfg.fetch, cfg.prefetch
+    cache_dir = Path(os.path.abspath(cache.dir)) if cache.dir is not None else root / "cache"
+    mountpoint = Path(os.path.abspath(fuse.mountpoint)) if fuse.mountpoint is not None else root / "fuse"
+    return fusefs_config_mod.FusefsConfig(
+        cache=fusefs_config_mod.CacheConfig(dir=cache_dir, max_bytes=cache.max_bytes, fsync=cache.fsync),
+        fuse=fusefs_config_mod.FuseConfig(
+            mountpoint=mountpoint,
+            attr_timeout=fuse.attr_timeout, entry_timeout=fuse.entry_timeout, allow_other=fuse.allow_other,
+            opaque_xattr=OPAQUE_XATTR_USER if userxattr else OPAQUE_XATTR_TRUSTED),
+        fetch=fusefs_config_mod.FetchConfig(
+            max_range_bytes=fetch.max_range_bytes, max_ranges_per_read=fetch.max_ranges_per_read,
+            thread_threshold=fetch.thread_threshold, failure_ttl=fetch.failure_ttl,
+            memory_bytes=cache.memory_bytes),
+        prefetch=fusefs_config_mod.PrefetchConfig(
+            prefetch=not prefetch.noprefetch, background=not prefetch.no_background_fetch,
+            background_rate=prefetch.background_rate, background_step_bytes=prefetch.background_step_bytes),
+        allow_unverified_toc=fetch.allow_no_verification,
+        check_interval=fetch.valid_interval,
+    )
+
+
+def registry_config(cfg: Config) -> SourceRegistryConfig:
+    """The registry blob source's settings from lazysnapd's ``[registry]`` and ``[fetch]``."""
+    reg = cfg.registry
+    return SourceRegistryConfig(
+        hosts_dir=Path(reg.hosts_dir),
+        docker_config=Path(reg.docker_config) if reg.docker_config is not None else None,
+        insecure_hosts=reg.insecure_hosts,
+        localhost_plain_http=reg.localhost_plain_http, connect_timeout=reg.connect_timeout,
+        read_timeout=reg.read_timeout, request_timeout=reg.fetching_timeout_sec, retries=reg.max_retries,
+        backoff_base=reg.min_wait_msec / 1000, backoff_max=reg.max_wait_msec / 1000,
+        max_ranges_per_request=1 if reg.force_single_range_mode else reg.max_ranges_per_request,
+        mirror_cooldown=reg.mirror_cooldown, check_interval=cfg.fetch.valid_interval,
+    )
+
+
+@asynccontextmanager
+async def open_lazy_layers(cfg: Config) -> AsyncIterator[LayerManager]:
+    """Serve layers lazily through fusefs for the block (the daemon's default layer filesystem).
+
+    Mounts the FUSE session at start; on exit unmounts every layer, stops FUSE and closes the
+    registry connections.
+    """
+    root = os.path.abspath(cfg.root)
+    overlay = await trio.to_thread.run_sync(detect_overlay_options, root)
+    sources = RegistrySourceFactory(registry_config(cfg))
+    try:
+        async with open_layer_manager(fusefs_config(cfg, overlay.userxattr), sources) as manager:
+            yield manager
+    finally:
+        with trio.CancelScope(shield=True):
+            await sources.aclose()
+
+
+def default_layerfs_factory(cfg: Config) -> LayerFilesystemFactory | None:
+    """The layer filesystem ``main`` runs with: fusefs unless ``[fuse] enable = false``."""
+    return open_lazy_layers if cfg.fuse.enable else None
 
 
 def check_socket_free(address: str) -> None:
@@ -226,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(cfg.log_level)
     listener = systemd.pick_listener(systemd.listen_fds_with_names(), cfg.address)
     try:
-        trio.run(_main_async, cfg, None, listener)
+        trio.run(_main_async, cfg, default_layerfs_factory(cfg), listener)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP
