@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import trio
 
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TEMP_PREFIX = "new-"
+
+
+@runtime_checkable
+class ForgetsLayers(Protocol):
+    """A layer filesystem that can drop what it keeps (cache) for a layer released for good."""
+
+    async def forget_layer(self, digest: str) -> None: ...
 
 
 def is_remote(rec: Record) -> bool:
@@ -272,6 +279,25 @@ class Snapshots:
         with self.store.write() as tx:
             tx.delete(key)
         remove_snapshot_dir(self.layout.dir(rec.id))
+        if is_remote(rec):
+            self._forget_if_last(rec)
+
+    def _forget_if_last(self, removed: Record) -> None:
+        """Tell the layer filesystem to drop a layer's cache once no remote snapshot uses it."""
+        if not isinstance(self.layerfs, ForgetsLayers):
+            return
+        digest = _layer_digest(removed)
+        if digest is None:
+            return
+        with self.store.read() as tx:
+            if any(is_remote(r) and _layer_digest(r) == digest for r in tx.all()):
+                return
+        try:
+            self._on_loop(self.layerfs.forget_layer, digest)
+        except Exception:
+            log.exception("could not forget a removed remote layer", extra={"digest": digest})
+        else:
+            log.info("remote layer forgotten", extra={"snapshot": removed.key, "digest": digest})
 
     def stat(self, key: str) -> Record:
         with self.store.read() as tx:
@@ -340,6 +366,14 @@ def _fields_of(rec: Record) -> filters.Fields:
         return None
 
     return lookup
+
+
+def _layer_digest(rec: Record) -> str | None:
+    try:
+        spec = labels.layer_spec(rec.labels)
+    except LabelError:
+        return None
+    return spec.digest if spec is not None else None
 
 
 def _fsync_dir(path: str) -> None:
