@@ -19,6 +19,7 @@ lock guards the accounting and the open-file cache. ``read`` is one dict lookup 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -60,6 +61,27 @@ class CacheStatistics:
     stored: int
     not_kept: int
     evicted: int
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What ``prune`` dropped."""
+
+    chunks: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What ``verify`` found: chunks re-hashed, and the corrupt ones dropped (``layer/key``)."""
+
+    checked: int
+    corrupt: tuple[str, ...]
+
+
+def _sha256_file(path: os.PathLike[str] | str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ChunkCache:
@@ -240,6 +262,70 @@ class ChunkCache:
                 max_bytes=self._config.max_bytes, hits=self._hits, misses=self._misses,
                 stored=self._stored, not_kept=self._not_kept, evicted=self._evicted,
             )
+
+    def layer_usage(self) -> dict[str, tuple[int, int]]:
+        """``{layer digest: (chunks, bytes)}`` of every layer with cached chunks."""
+        with self._lock:
+            return {f"sha256:{layer}": (len(entries), sum(entries.values()))
+                    for layer, entries in self._layers.items() if entries}
+
+    def pinned_layers(self) -> set[str]:
+        """Digests of the layers currently pinned (mounted)."""
+        with self._lock:
+            return {f"sha256:{layer}" for layer in self._pins}
+
+    def prune(self, to_bytes: int = 0, *, include_pinned: bool = False) -> PruneResult:
+        """Drop chunks until at most ``to_bytes`` are cached; returns what was dropped.
+
+        Unpinned chunks go first, least recently used first. With ``include_pinned``, chunks of
+        mounted layers follow: safe, since a read of a dropped chunk fetches it again. Blocks on
+        file deletions: call it from a worker thread.
+        """
+        chunks = freed = 0
+        with self._lock:
+            while self._total > to_bytes and self._lru:
+                layer, key = next(iter(self._lru))
+                freed += self._layers.get(layer, {}).get(key, 0)
+                self._drop_locked(layer, key)
+                chunks += 1
+            if include_pinned:
+                for layer in list(self._layers):
+                    for key in list(self._layers[layer]):
+                        if self._total <= to_bytes:
+                            break
+                        freed += self._layers[layer][key]
+                        self._drop_locked(layer, key)
+                        chunks += 1
+            self._evicted += chunks
+        return PruneResult(chunks, freed)
+
+    def verify(self) -> VerifyResult:
+        """Re-hash every cached chunk against its key (its sha256); drop the ones that differ.
+
+        Blocks on reading every chunk: call it from a worker thread. Chunks stored or dropped
+        meanwhile are skipped.
+        """
+        with self._lock:
+            todo = [(layer, key) for layer, entries in self._layers.items() for key in entries]
+        checked = 0
+        bad: list[str] = []
+        for layer, key in todo:
+            try:
+                digest = _sha256_file(self._chunks_dir / layer / key)
+            except FileNotFoundError:
+                continue  # dropped meanwhile
+            except OSError as exc:
+                log.warning("cache verify: %s/%s unreadable: %s", layer, key, exc)
+                digest = ""
+            checked += 1
+            if digest != key:
+                with self._lock:
+                    if key in self._layers.get(layer, {}):
+                        log.warning("cache verify: chunk %s of layer sha256:%s is corrupt: dropped",
+                                    key, layer)
+                        self._drop_locked(layer, key)
+                        bad.append(f"sha256:{layer}/{key}")
+        return VerifyResult(checked, tuple(bad))
 
     def close(self) -> None:
         """Close cached file descriptors."""
