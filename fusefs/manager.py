@@ -10,6 +10,8 @@ API (satisfies the snapshotter's ``LayerFilesystem`` Protocol structurally)::
     await manager.forget_layer(digest)                      # released for good: drop its cache
     await manager.aclose()                                  # unmount everything, stop FUSE
     manager.statistics()                                    # frozen counters for metrics
+    manager.served_layers()                                 # per-layer view (snapctl, metrics)
+    await manager.warm(digest)                              # fetch a served layer fully
 
 All methods run on the trio thread that called ``create`` (gRPC threads use
 ``trio.from_thread.run``). ``create`` mounts the one pyfuse3 session of the process at
@@ -83,6 +85,20 @@ def _unmount(target: str) -> None:
 
 
 @dataclass(frozen=True)
+class ServedLayer:
+    """One served layer as operators see it (``served_layers``).
+
+    ``background`` is ``running`` while the mount-time prefetch/background pass runs, ``done``
+    once it returned (complete, stopped by a failure or a full cache), ``off`` when disabled.
+    """
+
+    spec: LayerSpec
+    fetcher: ChunkFetcher
+    mountpoints: tuple[str, ...]
+    background: str
+
+
+@dataclass(frozen=True)
 class ManagerStatistics:
     """What metrics read: served layers, layer mountpoints, cache and per-layer fetch counters."""
 
@@ -106,6 +122,8 @@ class LayerManager:
         self._ops = LayerOperations(self._table, config.fuse)
         self._mounts: dict[str, MountedLayer] = {}
         self._prefetch_scopes: dict[str, trio.CancelScope] = {}
+        self._specs: dict[str, LayerSpec] = {}
+        self._background_done: set[str] = set()
         self._checked: dict[str, float] = {}
         self._opening: dict[str, trio.Lock] = {}
         self._resolving: set[str] = set()
@@ -147,6 +165,10 @@ class LayerManager:
     def fuse_root(self) -> str:
         return self._fuse_root
 
+    @property
+    def cache_dir(self) -> Path:
+        return self._config.cache.dir
+
     def layer_path(self, digest: str) -> str | None:
         """Where a mounted layer's tree is inside the FUSE session, or None."""
         for layer in self._mounts.values():
@@ -158,6 +180,45 @@ class LayerManager:
         served = {layer.digest: layer for layer in self._mounts.values()}
         return ManagerStatistics(len(served), len(self._mounts), self.cache.statistics(),
                                  {d: layer.fetcher.statistics() for d, layer in served.items()})
+
+    def served_layers(self) -> list[ServedLayer]:
+        """Every served layer with its spec, fetcher, mountpoints and background state."""
+        out = []
+        prefetching = self._config.prefetch.prefetch or self._config.prefetch.background
+        for digest, spec in self._specs.items():
+            layer = self._served(digest)
+            if layer is None:
+                continue
+            state = ("done" if digest in self._background_done else "running") if prefetching else "off"
+            out.append(ServedLayer(spec, layer.fetcher, tuple(sorted(layer.mountpoints)), state))
+        return out
+
+    async def warm(self, digest: str, step_bytes: int = 4 << 20) -> None:
+        """Fetch every chunk of served layer ``digest`` not cached yet, in blob order.
+
+        Each step of about ``step_bytes`` compressed bytes yields to on-demand reads.
+
+        Raises:
+            LayerError: the layer is not served, or a chunk could not be fetched or verified.
+        """
+        layer = self._served(digest)
+        if layer is None:
+            raise LayerError(f"layer {digest} is not served")
+        fetcher = layer.fetcher
+        index = fetcher.index
+        step: list[int] = []
+        size = 0
+        for cid in sorted(range(index.chunk_count), key=index.chunk_blob_range):
+            if fetcher.is_cached(cid):
+                continue
+            start, end = index.chunk_blob_range(cid)
+            step.append(cid)
+            size += end - start
+            if size >= step_bytes:
+                await fetcher.ensure(step, background=True)
+                step, size = [], 0
+        if step:
+            await fetcher.ensure(step, background=True)
 
     def fetcher(self, digest: str) -> ChunkFetcher | None:
         """The fetcher of a mounted layer (statistics, tests)."""
@@ -314,6 +375,8 @@ class LayerManager:
             await source.aclose()
             raise
         self.cache.pin(spec.digest)
+        self._specs[spec.digest] = spec
+        self._background_done.discard(spec.digest)
         scope = trio.CancelScope()
         self._prefetch_scopes[spec.digest] = scope
         self._nursery.start_soon(self._prefetch, fetcher, spec.prefetch_size, scope)
@@ -323,6 +386,7 @@ class LayerManager:
                         scope: trio.CancelScope) -> None:
         with scope:
             await run_prefetch(fetcher, self._config.prefetch, prefetch_size)
+            self._background_done.add(fetcher.layer_digest)
 
     async def _load_index(self, spec: LayerSpec, source: BlobSource) -> LayerIndex:
         persisted = self.cache.load_index(spec.digest)
@@ -367,6 +431,8 @@ class LayerManager:
         if scope is not None:
             scope.cancel()
         self.cache.unpin(layer.digest)
+        self._specs.pop(layer.digest, None)
+        self._background_done.discard(layer.digest)
         self._checked.pop(layer.digest, None)
         self._opening.pop(layer.digest, None)
         if not self._closing:  # the session is about to end: nothing left to invalidate
