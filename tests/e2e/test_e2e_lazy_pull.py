@@ -35,10 +35,6 @@ def test_rpull_estargz_runs_right_and_is_collected(
     assert lazysnapd.snapshot_dirs() == []
 
 
-# strict: once lazysnapd serves eStargz remotely this XPASSes and fails the run, so the marker goes
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="lazysnapd does not open the fusefs layer filesystem yet "
-                   "(snapshotter/daemon.py runs with layerfs_factory=None): every layer falls back")
 def test_rpull_estargz_is_lazy(lazysnapd: Lazysnapd, make_containerd: Callable[..., Containerd],
                                ranged_registry: Registry,
                                estargz_image: tuple[BuiltImage, EstargzImage]) -> None:
