@@ -118,7 +118,7 @@ types = st.sampled_from(["dir", "reg", "symlink", "hardlink", "char", "block", "
 entries = st.fixed_dictionaries(
     {
         "name": st.sampled_from(["a", "b", "a/b", "a/b/c", "./", "c/", ".prefetch.landmark", "x/../y"]),
-        "type": types,
+        "type": st.one_of(types, json_values),
     },
     optional={},
 ).flatmap(
