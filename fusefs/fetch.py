@@ -82,6 +82,8 @@ class FetchStatistics:
     bytes_fetched: int
     integrity_failures: int
     source_failures: int
+    reads: int = 0  # file reads served (FUSE read calls that reached the layer)
+    bytes_served: int = 0
 
 
 class ChunkFetcher:
@@ -108,10 +110,11 @@ class ChunkFetcher:
         self._recent_bytes = 0
         self._on_demand = self._background = self._chunks = self._bytes = 0
         self._integrity_failures = self._source_failures = 0
+        self._reads = self._served = 0
 
     def statistics(self) -> FetchStatistics:
         return FetchStatistics(self._on_demand, self._background, self._chunks, self._bytes,
-                               self._integrity_failures, self._source_failures)
+                               self._integrity_failures, self._source_failures, self._reads, self._served)
 
     def is_cached(self, cid: int) -> bool:
         return self._cache.contains(self.layer_digest, self.index.chunk_key(cid))
@@ -146,7 +149,10 @@ class ChunkFetcher:
                 if parts[i] is None:
                     lo, hi = self._slice(cid, offset, end)
                     parts[i] = fetched[cid][lo:hi]
-        return b"".join(p for p in parts if p is not None)
+        data = b"".join(p for p in parts if p is not None)
+        self._reads += 1
+        self._served += len(data)
+        return data
 
     def _slice(self, cid: int, offset: int, end: int) -> tuple[int, int]:
         start = self.index.chunk_file_offset(cid)

@@ -166,6 +166,14 @@ class LayerManager:
         return self._fuse_root
 
     @property
+    def source_factory(self) -> SourceFactory:
+        return self._factory
+
+    def fuse_op_counts(self) -> dict[str, tuple[int, int]]:
+        """``{FUSE operation: (calls, failures)}`` since the session started."""
+        return self._ops.op_counts()
+
+    @property
     def cache_dir(self) -> Path:
         return self._config.cache.dir
 

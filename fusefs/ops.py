@@ -53,17 +53,27 @@ class LayerOperations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
+        self._op_calls: dict[str, int] = {}
+        self._op_failures: dict[str, int] = {}
         self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # -- helpers --------------------------------------------------------------------------
 
+    def op_counts(self) -> dict[str, tuple[int, int]]:
+        """``{operation: (calls, failures)}`` since start, for metrics (failures: any errno)."""
+        return {op: (n, self._op_failures.get(op, 0)) for op, n in self._op_calls.items()}
+
     @contextmanager
     def _errors(self, op: str, inode: int) -> Iterator[None]:
+        self._op_calls[op] = self._op_calls.get(op, 0) + 1
         try:
             yield
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODATA):  # answers, not failures
+                self._op_failures[op] = self._op_failures.get(op, 0) + 1
             raise
         except LayerError as exc:
+            self._op_failures[op] = self._op_failures.get(op, 0) + 1
             resolved = self._table.resolve(inode)
             digest = resolved[0].digest if resolved else "?"
             key = (digest, str(exc))
@@ -74,6 +84,7 @@ class LayerOperations(pyfuse3.Operations):
                 log.warning("%s of inode %d in layer %s failed: %s", op, inode, digest, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
         except Exception as exc:
+            self._op_failures[op] = self._op_failures.get(op, 0) + 1
             log.exception("unexpected error in %s of inode %d", op, inode)
             raise pyfuse3.FUSEError(errno.EIO) from exc
 

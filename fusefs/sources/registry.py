@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import random
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -78,6 +79,15 @@ class SourceStatistics:
     single_range_fallbacks: int
 
 
+@dataclass(frozen=True)
+class RequestOutcome:
+    """Blob requests of a factory's sources that ended one way: an HTTP status, ``timeout`` or
+    ``error`` (no response), with their total duration in seconds (read by metrics)."""
+
+    count: int
+    seconds: float
+
+
 class _RangesIgnored(Exception):
     """A multi-range request came back as a whole 200 body: read those spans one at a time."""
 
@@ -111,6 +121,15 @@ class RegistrySourceFactory:
         token_client = self._new_client(verify=True, follow_redirects=True)
         self._clients[("token",)] = token_client
         self.auth = Authenticator(self.credentials, token_client, self.config.insecure_hosts)
+        self._outcomes: dict[str, tuple[int, float]] = {}
+
+    def request_outcomes(self) -> dict[str, RequestOutcome]:
+        """Counts and durations of blob requests since creation, by outcome (monotonic)."""
+        return {k: RequestOutcome(n, t) for k, (n, t) in self._outcomes.items()}
+
+    def _record(self, outcome: str, seconds: float) -> None:
+        n, t = self._outcomes.get(outcome, (0, 0.0))
+        self._outcomes[outcome] = (n + 1, t + seconds)
 
     def _new_client(self, verify: ssl.SSLContext | bool, follow_redirects: bool = False) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -469,19 +488,27 @@ class RegistrySource:
         """
         where = urlsplit(url).netloc
         self._requests += 1
+        status: list[int] = []
+        outcome = "error"
+        start = time.monotonic()
         try:
             with trio.fail_after(self._config.request_timeout):
-                return await self._exchange_once(client, method, url, headers, spans, expired_ok, where)
+                return await self._exchange_once(client, method, url, headers, spans, expired_ok, where,
+                                                 status)
         except trio.TooSlowError as exc:
+            outcome = "timeout"
             raise TransientSourceError(f"{where} took longer than {self._config.request_timeout}s "
                                        f"for {self._digest}") from exc
+        finally:
+            self._factory._record(str(status[0]) if status else outcome, time.monotonic() - start)
 
     async def _exchange_once(self, client: httpx.AsyncClient, method: str, url: str,
                              headers: dict[str, str], spans: list[Span], expired_ok: bool,
-                             where: str) -> _Reply:
+                             where: str, seen: list[int]) -> _Reply:
         try:
             async with client.stream(method, url, headers=headers) as resp:
                 status = resp.status_code
+                seen.append(status)
                 if status in _REDIRECT_STATUS:
                     location = resp.headers.get("location")
                     if not location:
