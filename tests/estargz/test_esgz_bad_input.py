@@ -61,6 +61,19 @@ def raises_toc(match: str, *entries: dict[str, Any], **kw: Any) -> None:
         (zstd_chunked_footer(8, 0, 10), 2000, "outside"),
         (zstd_chunked_footer(100, 10, 10)[:-16] + b"\x02" + bytes(7) + b"GnUlInUx", 2000, "manifest type"),
     ],
+    ids=[
+        "empty-blob",
+        "gzip-magic-only",
+        "zeros",
+        "uppercase",
+        "non-hex-offset",
+        "offset-past-footer",
+        "bad-trailer",
+        "bad-deflate",
+        "zstd-offset-outside",
+        "zstd-empty-toc",
+        "zstd-manifest-type",
+    ],
 )
 def test_bad_footer(tail: bytes, size: int, match: str) -> None:
     tail = tail[-min(size, 64) :]
