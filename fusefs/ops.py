@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 _ROOT_MODE = stat.S_IFDIR | 0o755
 _LOGGED_LIMIT = 4096
+# readdir offsets 1 and 2; a directory's children follow from offset 3
+_DOT_ENTRIES = ((b".", 1), (b"..", 2))
 
 
 @dataclass(eq=False, slots=True)
@@ -218,9 +220,18 @@ class LayerOperations(pyfuse3.Operations):
                     self._remember(root)
                 return
             layer, node = self._resolve(inode)
-            for pos, name, child in layer.index.children(node, start_id):
+            # "." and ".." as a disk filesystem lists them (`ls -a`, overlayfs passes a directory
+            # of a single layer straight through). The kernel neither looks them up nor counts
+            # them; ".." carries this directory's attributes, as the index keeps no parent links.
+            own = self._attrs(inode, layer, node)
+            for name, next_id in _DOT_ENTRIES[start_id:]:
+                if not pyfuse3.readdir_reply(token, name, own, next_id):
+                    return
+            first = max(0, start_id - len(_DOT_ENTRIES))
+            for pos, name, child in layer.index.children(node, first):
                 child_inode = layer.inode(child)
-                if not pyfuse3.readdir_reply(token, name, self._attrs(child_inode, layer, child), pos + 1):
+                next_id = pos + 1 + len(_DOT_ENTRIES)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(child_inode, layer, child), next_id):
                     return
                 self._remember(child_inode)
 

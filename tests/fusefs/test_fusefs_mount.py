@@ -71,6 +71,19 @@ def test_fixture_layers_through_one_session_and_overlay(variant: str, work: Path
     assert not os.path.ismount(work / "l0") and not os.path.ismount(work / "fuse")
 
 
+def test_directories_list_dot_and_dotdot_once(work: Path) -> None:
+    # as on disk, so `ls -a` in a container sees the same whether a layer is lazy or unpacked
+    case = layer_case("esgz-default", 0)
+    with FuseServer(work, [FIXTURES / "esgz-default"]) as server:
+        assert server.mount(case, work / "l0")["ok"]
+        for directory in [work / "l0", *(p for p in (work / "l0").rglob("*") if p.is_dir()
+                                         and not p.is_symlink())]:
+            listed = subprocess.run(["ls", "-a", "-f", "-1", str(directory)], check=True,
+                                    capture_output=True, text=True).stdout.splitlines()
+            assert sorted(listed) == sorted([".", "..", *os.listdir(directory)]), directory
+    _assert_clean_log(server)
+
+
 def test_fuse_refuses_writes(work: Path) -> None:
     case = layer_case("esgz-default", 0)
     with FuseServer(work, [FIXTURES / "esgz-default"]) as server:
