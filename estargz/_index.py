@@ -55,7 +55,7 @@ _TYPES = {
     "fifo": EntryType.FIFO,
 }
 _WS = re.compile(r"[ \t\n\r]*")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))"
 )
@@ -103,16 +103,16 @@ def _walk_json(text: str, on_entry: Callable[[Any], None]) -> dict[str, Any]:
                 if text[pos : pos + 1] == "]":
                     pos += 1
                 else:
+                    separator = _SEPARATOR.match
                     while True:
                         value, pos = decode(text, pos)
                         on_entry(value)
-                        pos = ws(text, pos).end()  # type: ignore[union-attr]
-                        sep = text[pos : pos + 1]
-                        pos = ws(text, pos + 1).end()  # type: ignore[union-attr]
-                        if sep == "]":
-                            break
-                        if sep != ",":
+                        m = separator(text, pos)
+                        if m is None:
                             raise TOCError(f"TOC JSON: expected ',' or ']' in 'entries' at character {pos}")
+                        pos = m.end()
+                        if m.group(1) == "]":
+                            break
             else:
                 if key in top:
                     raise TOCError(f"TOC JSON has two {key!r} keys")
@@ -150,11 +150,19 @@ def _parse_time(value: str) -> tuple[int, int]:
 
 
 def _digest_bytes(value: object, field: str) -> bytes:
-    if value.__class__ is not str or len(value) != 71 or not value.startswith("sha256:"):
-        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex>")
-    if not _HEX64.fullmatch(value, 7):
-        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex>")
-    raw = bytes.fromhex(value[7:])
+    if (
+        value.__class__ is not str
+        or len(value) != 71
+        or not value.startswith("sha256:")
+        or not value.islower()
+    ):
+        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex digits>")
+    try:
+        raw = bytes.fromhex(value[7:])
+    except ValueError:
+        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex digits>") from None
+    if len(raw) != 32:  # fromhex skips whitespace: 64 characters that hold fewer bytes
+        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex digits>")
     if raw == _NO_DIGEST:
         raise ValueError(f"{field} is the all-zero digest")
     return raw
