@@ -147,7 +147,10 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """``[metrics]``: the Prometheus endpoint (fields come with the metrics module)."""
+    """``[metrics]``: the Prometheus endpoint (names in docs/metrics.md)."""
+
+    address: str | None = setting(None, "where GET /metrics is served: 127.0.0.1:PORT (TCP), "
+                                  "unix:/path or /path (mode 0600); unset: no endpoint")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class Config:
     root: str = setting("/var/lib/lazysnap", "state directory: metadata.db and snapshots/", "path")
     address: str = setting("/run/lazysnap/lazysnap.sock", "unix socket the Snapshots API listens on", "path")
     log_level: str = setting("info", "least severe log level written to stderr", choices=LOG_LEVELS)
+    control_address: str | None = setting(None, "unix socket of the control API snapctl uses (root only, "
+                                          "mode 0600); unset: <root>/control.sock", "path")
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -40,10 +40,12 @@ from fusefs.manager import LayerManager, open_layer_manager
 from fusefs.sources.config import RegistryConfig as SourceRegistryConfig
 from fusefs.sources.registry import RegistrySourceFactory
 from snapshotter import config as config_mod
-from snapshotter import logs, systemd
+from snapshotter import control_http, logs, systemd
 from snapshotter.api import snapshots_pb2_grpc
 from snapshotter.config import Config
+from snapshotter.control import DaemonInfo, control_address, open_control_server
 from snapshotter.errors import ConfigError
+from snapshotter.metrics import Metrics, TimedLayerFilesystem, open_metrics_server
 from snapshotter.mounts import Layout, detect_overlay_options
 from snapshotter.remote import LayerFilesystem
 from snapshotter.service import SnapshotsService
@@ -170,11 +172,12 @@ def lock_root(root: str) -> int:
     return fd
 
 
-def _start_grpc(cfg: Config, service: SnapshotsService,
-                listener: socket.socket | None) -> tuple[grpc.Server, systemd.GrpcEndpoint]:
+def _start_grpc(cfg: Config, service: SnapshotsService, listener: socket.socket | None,
+                metrics: Metrics) -> tuple[grpc.Server, systemd.GrpcEndpoint]:
     limit = cfg.grpc.max_message_bytes
     server = grpc.server(
         ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="grpc"),
+        interceptors=[metrics.interceptor()],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server)  # type: ignore[no-untyped-call]
@@ -206,7 +209,8 @@ async def _feed_watchdog(interval: float) -> None:
 
 async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFactory | None = None,
               listener: socket.socket | None = None,
-              *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+              *, config_path: str | None = None,
+              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until ``stop`` is set, then shut down cleanly. Reports started once it accepts RPCs.
 
     ``listener`` is a socket-activated listener (systemd) to serve instead of binding
@@ -229,11 +233,19 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
         overlay = await trio.to_thread.run_sync(detect_overlay_options, root)
         snaps = Snapshots(store, layout, overlay)
         await trio.to_thread.run_sync(snaps.recover)
+        metrics = Metrics()
+        manager: LayerManager | None = None
         if layerfs_factory is not None:
             layerfs = await stack.enter_async_context(layerfs_factory(cfg))
-            snaps.attach_layer_filesystem(layerfs, trio.lowlevel.current_trio_token())
+            if isinstance(layerfs, LayerManager):
+                manager = layerfs
+                metrics.attach(manager)
+            snaps.attach_layer_filesystem(TimedLayerFilesystem(layerfs, metrics),
+                                          trio.lowlevel.current_trio_token())
             await snaps.restore_remote()
-        server, endpoint = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps), listener)
+        metrics_address = await _open_operator_servers(stack, cfg, config_path, metrics, manager)
+        server, endpoint = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps), listener,
+                                                         metrics)
 
         def stop_grpc() -> None:
             server.stop(cfg.grpc.shutdown_grace).wait()
@@ -243,7 +255,8 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
                     os.unlink(cfg.address)
 
         stack.push_async_callback(trio.to_thread.run_sync, stop_grpc)
-        log.info("serving", extra={"address": cfg.address, "root": root, "index_off": overlay.index_off,
+        log.info("serving", extra={"address": cfg.address, "root": root, "metrics": metrics_address,
+                                   "index_off": overlay.index_off,
                                    "userxattr": overlay.userxattr, "activated": endpoint.activated,
                                    "pid": os.getpid()})
         systemd.notify_ready(f"serving on {cfg.address}")
@@ -259,8 +272,32 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
     log.info("stopped")
 
 
+async def _open_operator_servers(stack: contextlib.AsyncExitStack, cfg: Config, config_path: str | None,
+                                 metrics: Metrics, manager: LayerManager | None) -> str | None:
+    """Enter the metrics endpoint (if configured) and the control API on ``stack``.
+
+    Returns the metrics endpoint's bound address. A default control socket that cannot be
+    created (e.g. a root path too long for a socket) is logged and skipped; configured ones
+    that fail stop the start.
+    """
+    bound = None
+    try:
+        if cfg.metrics.address is not None:
+            bound = await stack.enter_async_context(open_metrics_server(cfg.metrics.address, metrics))
+        info = DaemonInfo(cfg, config_path, control_address(cfg), bound)
+        try:
+            await stack.enter_async_context(open_control_server(info, manager))
+        except control_http.ListenError as exc:
+            if cfg.control_address is not None:
+                raise
+            log.warning("no control API (snapctl): %s", exc)
+    except control_http.ListenError as exc:
+        raise StartupError(str(exc)) from exc
+    return bound
+
+
 async def _main_async(cfg: Config, layerfs_factory: LayerFilesystemFactory | None,
-                      listener: socket.socket | None) -> None:
+                      listener: socket.socket | None, config_path: str | None = None) -> None:
     stop = trio.Event()
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -273,7 +310,7 @@ async def _main_async(cfg: Config, layerfs_factory: LayerFilesystemFactory | Non
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
-        await run(cfg, stop, layerfs_factory, listener)
+        await run(cfg, stop, layerfs_factory, listener, config_path=config_path)
         nursery.cancel_scope.cancel()
 
 
@@ -306,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(cfg.log_level)
     listener = systemd.pick_listener(systemd.listen_fds_with_names(), cfg.address)
     try:
-        trio.run(_main_async, cfg, default_layerfs_factory(cfg), listener)
+        trio.run(_main_async, cfg, default_layerfs_factory(cfg), listener,
+                 os.path.abspath(args.config) if args.config else None)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP
