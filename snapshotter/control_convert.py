@@ -15,6 +15,7 @@ with the number of source bytes consumed since the previous call.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -51,30 +52,25 @@ class LayerResult:
     result: estargz.ConvertResult
 
 
-class _Counting:
-    """A read-only file wrapper that hashes and reports what is read."""
+class _Counting(io.RawIOBase):
+    """A raw reader over a file that hashes and reports what is read."""
 
     def __init__(self, f: IO[bytes], progress: Progress | None) -> None:
+        super().__init__()
         self._f = f
         self._progress = progress
         self.hash = hashlib.sha256()
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.hash.update(data)
-        self.count += len(data)
-        if self._progress is not None and data:
-            self._progress(len(data))
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
 
     def readable(self) -> bool:
         return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self._f.read(len(buf))
+        buf[:len(data)] = data
+        self.hash.update(data)
+        if self._progress is not None and data:
+            self._progress(len(data))
+        return len(data)
 
 
 def convert_layer(src: str, dst: str, progress: Progress | None = None, **options: Any) -> LayerResult:
@@ -87,7 +83,10 @@ def convert_layer(src: str, dst: str, progress: Progress | None = None, **option
     try:
         with open(src, "rb") as f, open(tmp, "wb") as out:
             counting = _Counting(f, progress)
-            result = estargz.convert(counting, out, **options)  # type: ignore[arg-type]
+            stream = io.BufferedReader(counting, 1 << 20)
+            result = estargz.convert(stream, out, **options)
+            while stream.read(1 << 20):  # hash what the tar reader left (padding after the end)
+                pass
         os.replace(tmp, dst)
     except estargz.InputError as exc:
         raise ConvertError(f"{src}: {exc}") from None

@@ -26,6 +26,7 @@ from tests.harness.fixtures import (  # noqa: E402
     pytest_runtest_makereport,
     ranged_registry,
     registry,
+    test_image,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ranged_registry",
     "registry",
     "served",
+    "test_image",
 ]
 
 # Reads happen only when a test makes them: no prefetch, no background fetch.
