@@ -6,7 +6,8 @@ For eStargz made by upstream's `ctr-remote image convert` and by lazysnap's own 
 small fraction of the layer bytes, and every file a container sees (content, type, mode, owner,
 device numbers, links, hardlink groups, whiteouts, opaque dirs) equals what containerd's overlayfs
 snapshotter unpacks from the plain gzip image. Then: a restarted lazysnapd mounts every committed
-layer again from its cache without a registry GET, and a cache bound smaller than the image holds.
+layer again from its cache without a registry GET, a cache bound smaller than the image holds,
+and `[fuse] enable = false` makes containerd download and unpack every layer instead.
 
 Figures (bytes fetched, pull times) are printed; run with `-s` to see them.
 """
@@ -163,3 +164,19 @@ def test_cache_bound_smaller_than_the_image_holds(
     left = [p.name for sub in ("chunks", "indexes") if (snapd.root / "cache" / sub).is_dir()
             for p in (snapd.root / "cache" / sub).iterdir() if p.name in layer_dirs]
     assert left == [], "removing the image's last snapshots left its layers in the cache"
+
+
+def test_fuse_disabled_unpacks_every_layer(
+        lazy_images: dict[str, PushedImage], ranged_registry: Registry,
+        make_lazysnapd: Callable[..., Lazysnapd], make_containerd: Callable[..., Containerd]) -> None:
+    img = lazy_images["ours"]
+    snapd = make_lazysnapd(config="[fuse]\nenable = false\n")
+    ctd = make_containerd(proxy_socket=snapd.address, registries=[ranged_registry.host])
+    mark = ranged_registry.log_mark()
+    _rpull(ctd, img.ref)
+    assert _fuse_binds(snapd.root) == {}
+    assert not (snapd.root / "fuse").exists()
+    assert ctd.run(img.ref, WORKLOAD, "lazysnap") == WORKLOAD_OUT
+    gets = _layer_gets(ranged_registry, mark, img)
+    downloaded = {d for d, _, agent in gets if agent.startswith("containerd")}
+    assert downloaded == set(img.layer_digests), "with [fuse] enable = false containerd unpacks every layer"
