@@ -46,8 +46,11 @@ def _read_big(ctd: Containerd, ref: str) -> tuple[int, str, str]:
 
 
 def _cached_chunk_files(root: Path, layer_digest: str, chunk_digest: str) -> list[Path]:
-    layer_hex, chunk_hex = layer_digest.split(":")[1], chunk_digest.split(":")[1]
-    return [p for p in root.glob(f"**/chunks/{layer_hex}/{chunk_hex}") if p.is_file()]
+    """The chunk's file in lazysnapd's chunk cache (default dir <root>/cache), if it is there."""
+    chunks = root / "cache" / "chunks"
+    assert chunks.is_dir(), "no chunk cache where lazysnapd keeps it by default"
+    path = chunks / layer_digest.split(":")[1] / chunk_digest.split(":")[1]
+    return [path] if path.is_file() else []
 
 
 def test_flipped_byte_gives_eio_and_recovers_after_ttl(
