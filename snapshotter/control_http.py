@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 << 10
 READ_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 2.0
+DRAIN_LIMIT = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,22 @@ async def _handle(stream: trio.abc.Stream, handler: Handler, max_body: int) -> N
     end = conn.send(h11.EndOfMessage())
     if end:
         await stream.send_all(end)
+    if not isinstance(got, Request):
+        await _discard_rest(stream)
+
+
+async def _discard_rest(stream: trio.abc.Stream) -> None:
+    # Closing with unread input makes the kernel reset the connection, and the client may lose
+    # the error answer: let it see our end first, then drop what it still sends (bounded).
+    if isinstance(stream, trio.SocketStream):
+        await stream.send_eof()
+    with trio.move_on_after(DRAIN_TIMEOUT):
+        drained = 0
+        while drained < DRAIN_LIMIT:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            drained += len(data)
 
 
 def _error(status: int, message: str) -> Response:
