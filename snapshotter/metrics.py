@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -51,6 +51,7 @@ class Metrics:
     """The daemon's metric registry and the instruments fed by events."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; *_created doubles scrapes
         self.registry = CollectorRegistry(auto_describe=True)
         self.grpc_requests = Counter(f"{PREFIX}_grpc_requests",
                                      "Snapshots API calls by method and status code",

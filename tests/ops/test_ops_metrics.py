@@ -16,12 +16,18 @@ pytestmark = pytest.mark.e2e
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+
+
 def _scrape(address: str) -> Samples:
     resp = httpx.get(f"http://{address}/metrics", timeout=30)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     out: Samples = {}
+    documented = DOC.read_text()
     for family in text_string_to_metric_families(resp.text):
         assert family.name.startswith("lazysnap_"), family.name
+        exposed = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{exposed}`" in documented, f"{exposed} is not in docs/metrics.md"
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
