@@ -2,8 +2,10 @@
 
     chunks = file_chunks(registry.direct_host, "lazysnap/busybox", layer_digest, "data/big.bin")
     chunks[0].blob_offset, chunks[0].blob_end, chunks[0].digest   # compressed extent, sha256:...
+    start, end = toc_extent(registry.direct_host, "lazysnap/busybox", layer_digest)
 
-Fault tests use it to corrupt exactly one chunk in flight and to find that chunk in the cache.
+Fault tests use it to corrupt exactly one chunk (or the TOC) in flight and to find that chunk in
+the cache.
 The blob is read by HTTP range requests straight from the registry (not through a proxy under
 test), and the TOC is verified against the layer's TOC digest when one is given.
 """
@@ -18,7 +20,7 @@ import estargz
 
 from .procs import HarnessError
 
-__all__ = ["ChunkSpan", "file_chunks"]
+__all__ = ["ChunkSpan", "file_chunks", "toc_extent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +34,7 @@ class ChunkSpan:
     digest: str
 
 
-def file_chunks(host: str, name: str, layer_digest: str, path: str,
-                toc_digest: str | None = None) -> list[ChunkSpan]:
-    """The chunks of regular file ``path`` in blob ``layer_digest`` of repository ``name``.
-
-    Raises HarnessError when the blob cannot be read or the file is not in its TOC, and the
-    estargz library's errors when the blob is not eStargz or the TOC does not match ``toc_digest``.
-    """
+def _open(host: str, name: str, layer_digest: str, toc_digest: str | None) -> estargz.BlobReader:
     url = f"http://{host}/v2/{name}/blobs/{layer_digest}"
     with httpx.Client(timeout=30) as client:
         head = client.head(url, follow_redirects=True)
@@ -53,8 +49,23 @@ def file_chunks(host: str, name: str, layer_digest: str, path: str,
                 raise HarnessError(f"GET {url} range {offset}+{length}: {r.status_code}")
             return r.content
 
-        reader = estargz.BlobReader(read_at, size, expected_toc_digest=toc_digest)
-    toc = reader.toc
+        return estargz.BlobReader(read_at, size, expected_toc_digest=toc_digest)
+
+
+def toc_extent(host: str, name: str, layer_digest: str) -> tuple[int, int]:
+    """The blob range ``[start, end)`` holding the compressed TOC of blob ``layer_digest``."""
+    footer = _open(host, name, layer_digest, None).footer
+    return footer.toc_offset, footer.toc_end
+
+
+def file_chunks(host: str, name: str, layer_digest: str, path: str,
+                toc_digest: str | None = None) -> list[ChunkSpan]:
+    """The chunks of regular file ``path`` in blob ``layer_digest`` of repository ``name``.
+
+    Raises HarnessError when the blob cannot be read or the file is not in its TOC, and the
+    estargz library's errors when the blob is not eStargz or the TOC does not match ``toc_digest``.
+    """
+    toc = _open(host, name, layer_digest, toc_digest).toc
     index = toc.lookup(path)
     if index is None:
         raise HarnessError(f"{path} is not in the TOC of {layer_digest}")
