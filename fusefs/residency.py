@@ -35,7 +35,9 @@ class LayerResidency:
     chunks_cached: int
 
 
-def _type_name(mode: int) -> str:
+def _type_name(mode: int, rdev: int) -> str:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        return "whiteout"  # overlayfs's marker for a file deleted by this layer
     for test, name in ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
                        (stat.S_ISCHR, "char"), (stat.S_ISBLK, "block"), (stat.S_ISFIFO, "fifo")):
         if test(mode):
@@ -105,6 +107,6 @@ def tree(fetcher: ChunkFetcher, path: str = "", limit: int = MAX_TREE_ENTRIES) -
 
 def _entry(fetcher: ChunkFetcher, path: str, node: NodeId) -> FileResidency:
     attr = fetcher.index.attr(node)
-    kind = _type_name(attr.mode)
+    kind = _type_name(attr.mode, attr.rdev)
     cached = node_cached_bytes(fetcher, node) if kind == "file" else 0
     return FileResidency(path, kind, attr.size if kind == "file" else 0, cached)

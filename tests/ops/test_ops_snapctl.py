@@ -59,6 +59,7 @@ def test_status_and_layers_follow_reads(served: Served) -> None:
     assert files["/data/big.bin"]["size"] == img.expected["data/big.bin"].size
     assert files["/data/big.bin"]["cached"] == 0  # never read
     assert files["/data/deep/a/b/file.txt"]["type"] == "file"
+    assert files["/data/gone.txt"]["type"] == "whiteout"
 
     text = served.snapctl("layer", digest, "/data/layer2.txt").stdout
     assert "/data/layer2.txt" in text and "100.0%" in text
