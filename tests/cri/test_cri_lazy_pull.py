@@ -6,11 +6,13 @@ false`` and reaches the loopback registry through ``config_path`` (certs.d hosts
 layer lazily from the ``cri.*`` labels alone (CRI sends no ``remote/stargz.*`` labels): containerd
 never downloads a layer, lazysnapd reads far less than the layers' size, each committed snapshot
 is a bind of the FUSE layer tree. A container then runs from the image in CRI's namespace and
-sees exactly the image's tree.
+sees exactly the image's tree. A layer whose toc.digest annotation lies is downloaded and unpacked
+by containerd instead, while the others stay lazy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable
@@ -20,7 +22,9 @@ import pytest
 from tests.harness import BuiltImage, Containerd, CriOptions, EstargzImage, Lazysnapd, Registry, chain_ids
 from tests.harness.cri import CriClient
 from tests.harness.daemonlog import REMOTE_PREPARED, daemon_log_mark, remote_prepared
+from tests.harness.estargz import TOC_DIGEST_ANNOTATION
 from tests.harness.flows import PROBE, PROBE_OUT, TOPS, check_committed_chain
+from tests.harness.manifests import push_manifest_variant
 from tests.harness.mountinfo import mounts_with_types
 from tests.harness.snapdconfig import lazysnapd_config
 from tests.harness.tree import diff_trees, listing_script, parse_listing
@@ -95,3 +99,34 @@ def test_cri_pull_mounts_estargz_lazily_and_runs(
     observed = parse_listing(_run(ctd, esgz.ref, listing_script(TOPS)))
     assert diff_trees(img.expected, observed, TOPS) == []
     ctd.ctr_in(CRI_NAMESPACE, "image", "rm", "--sync", esgz.ref)
+
+
+def test_cri_pull_falls_back_per_layer_on_a_lying_toc_digest(
+        lazysnapd: Lazysnapd, make_containerd: Callable[..., Containerd], ranged_registry: Registry,
+        estargz_image: tuple[BuiltImage, EstargzImage]) -> None:
+    """One layer's toc.digest annotation is wrong: CRI's pull downloads and unpacks that layer
+    itself, the other two stay lazy, and the container sees the right tree."""
+    img, esgz = estargz_image
+    lying = "sha256:" + hashlib.sha256(b"not the TOC of this layer").hexdigest()
+    ref, _ = push_manifest_variant(ranged_registry.host, img.name, esgz.manifest, "cri-badtoc",
+                                   {1: {TOC_DIGEST_ANNOTATION: lying}})
+    ctd = make_containerd(proxy_socket=lazysnapd.address, registries=[ranged_registry.host],
+                          cri=CriOptions(snapshotter="lazysnap"))
+    mark, log_mark = ranged_registry.log_mark(), daemon_log_mark(lazysnapd.log_path)
+    with CriClient(ctd.address) as cri:
+        assert cri.pull_image(ref).startswith("sha256:")
+
+    check_committed_chain(ctd, esgz.diff_ids, "lazysnap", namespace=CRI_NAMESPACE)
+    outcomes = remote_prepared(lazysnapd.log_path, since=log_mark)
+    assert [(r.get("digest"), r[REMOTE_PREPARED]) for r in outcomes] == list(
+        zip(esgz.layer_digests, [True, False, True], strict=True)), outcomes
+    assert lying in outcomes[1].get("reason", "")
+    downloaded = {e.blob_digest for e in ranged_registry.access_log_entries(since=mark)
+                  if e.method == "GET" and (e.user_agent or "").startswith("containerd")
+                  and e.blob_digest in esgz.layer_digests}
+    # containerd 1.6 starts downloading every layer from the first one it must unpack itself
+    # (the top layer's blob is fetched although lazysnap then mounts it remotely); below that, none
+    assert esgz.layer_digests[1] in downloaded and esgz.layer_digests[0] not in downloaded, downloaded
+    assert _run(ctd, ref, PROBE) == PROBE_OUT
+    observed = parse_listing(_run(ctd, ref, listing_script(TOPS)))
+    assert diff_trees(img.expected, observed, TOPS) == []
