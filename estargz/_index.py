@@ -19,19 +19,26 @@ Decisions (documented in ``estargz/__init__.py``):
 
 from __future__ import annotations
 
-import binascii
-import datetime as dt
 import gc
-import json
-import re
 from array import array
 from collections import Counter
-from collections.abc import Callable
 from itertools import accumulate, compress, islice
 from operator import itemgetter, lt
 from typing import Any
 
 from ._chunks import Codec
+from ._fields import (
+    MAX_PATH,
+    MAX_U32,
+    MAX_U63,
+    NO_DIGEST,
+    clean,
+    digest_bytes,
+    parse_time,
+    parse_xattrs,
+    uint,
+    walk_json,
+)
 from ._footer import Footer
 from ._toc import CHUNK_HOLE, ROOT, TOC, EntryType
 from .errors import TOCError
@@ -40,10 +47,6 @@ __all__ = ["DEFAULT_MAX_CHUNK_SIZE", "DEFAULT_MAX_ENTRIES", "index_toc_json"]
 
 DEFAULT_MAX_ENTRIES = 4_000_000
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20
-_MAX_PATH = 4096
-_MAX_NAME = 255
-_MAX_U32 = (1 << 32) - 1
-_MAX_U63 = (1 << 63) - 1
 _HIDDEN_AT_ROOT = frozenset({".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"})
 _TYPES = {
     "dir": EntryType.DIR,
@@ -54,142 +57,6 @@ _TYPES = {
     "block": EntryType.BLOCK,
     "fifo": EntryType.FIFO,
 }
-_WS = re.compile(r"[ \t\n\r]*")
-_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))"
-)
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_NO_DIGEST = bytes(32)
-
-
-def _reject(*_: str) -> Any:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject)
-
-
-def _walk_json(text: str, on_entry: Callable[[Any], None]) -> dict[str, Any]:
-    """Call ``on_entry`` for each element of the top-level ``entries``; return the other keys."""
-    decode = _DECODER.raw_decode
-    ws = _WS.match
-    top: dict[str, Any] = {}
-    seen_entries = False
-
-    def expect(pos: int, char: str, where: str) -> int:
-        pos = ws(text, pos).end()  # type: ignore[union-attr]
-        if text[pos : pos + 1] != char:
-            raise TOCError(f"TOC JSON: expected {char!r} {where} at character {pos}")
-        return pos + 1
-
-    pos = expect(0, "{", "at the start")
-    pos = ws(text, pos).end()  # type: ignore[union-attr]
-    if text[pos : pos + 1] == "}":
-        pos += 1
-    else:
-        while True:
-            key, pos = decode(text, ws(text, pos).end())  # type: ignore[union-attr]
-            if not isinstance(key, str):
-                raise TOCError(f"TOC JSON: object key at character {pos} is not a string")
-            pos = expect(pos, ":", f"after key {key!r}")
-            pos = ws(text, pos).end()  # type: ignore[union-attr]
-            if key == "entries":
-                if seen_entries:
-                    raise TOCError("TOC JSON has two 'entries' keys")
-                seen_entries = True
-                pos = expect(pos, "[", "to open 'entries'")
-                pos = ws(text, pos).end()  # type: ignore[union-attr]
-                if text[pos : pos + 1] == "]":
-                    pos += 1
-                else:
-                    separator = _SEPARATOR.match
-                    while True:
-                        value, pos = decode(text, pos)
-                        on_entry(value)
-                        m = separator(text, pos)
-                        if m is None:
-                            raise TOCError(f"TOC JSON: expected ',' or ']' in 'entries' at character {pos}")
-                        pos = m.end()
-                        if m.group(1) == "]":
-                            break
-            else:
-                if key in top:
-                    raise TOCError(f"TOC JSON has two {key!r} keys")
-                top[key], pos = decode(text, pos)
-            pos = ws(text, pos).end()  # type: ignore[union-attr]
-            sep = text[pos : pos + 1]
-            pos += 1
-            if sep == "}":
-                break
-            if sep != ",":
-                raise TOCError(f"TOC JSON: expected ',' or '}}' at character {pos - 1}")
-    if ws(text, pos).end() != len(text):  # type: ignore[union-attr]
-        raise TOCError(f"TOC JSON: trailing data after character {pos}")
-    if not seen_entries:
-        raise TOCError("TOC JSON has no 'entries' array")
-    return top
-
-
-def _parse_time(value: str) -> tuple[int, int]:
-    m = _RFC3339.fullmatch(value)
-    if m is None:
-        raise ValueError(f"modtime {value!r} is not RFC 3339")
-    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
-    frac = m.group(7) or ""
-    if m.group(8):
-        offset = 0
-    else:
-        sign = -1 if m.group(9) == "-" else 1
-        offset = sign * (int(m.group(10)) * 3600 + int(m.group(11)) * 60)
-    if second == 60:
-        second = 59
-    when = dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.UTC)
-    seconds = (when - _EPOCH) // dt.timedelta(seconds=1) - offset
-    return seconds, int(frac.ljust(9, "0")) if frac else 0
-
-
-def _digest_bytes(value: object, field: str) -> bytes:
-    if (
-        value.__class__ is not str
-        or len(value) != 71
-        or not value.startswith("sha256:")
-        or not value.islower()
-    ):
-        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex digits>")
-    try:
-        raw = bytes.fromhex(value[7:])
-    except ValueError:
-        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex digits>") from None
-    if len(raw) != 32:  # fromhex skips whitespace: 64 characters that hold fewer bytes
-        raise ValueError(f"{field} {value!r} is not sha256:<64 lowercase hex digits>")
-    if raw == _NO_DIGEST:
-        raise ValueError(f"{field} is the all-zero digest")
-    return raw
-
-
-def _clean(name: object, field: str) -> list[str]:
-    """Path components of a TOC name; refuses what could leave the layer root."""
-    if name.__class__ is not str:
-        raise ValueError(f"{field} is not a string")
-    assert isinstance(name, str)
-    if "\x00" in name:
-        raise ValueError(f"{field} {name!r} contains a NUL byte")
-    if not name.startswith((".", "/")) and "/." not in name and "//" not in name and len(name) <= 63:
-        # Fast path (nearly every name): no "." or ".." component, no empty component, and too
-        # short for any length limit to matter.
-        return name.rstrip("/").split("/") if name else []
-    if name.startswith("/") and name.strip("/"):
-        raise ValueError(f"{field} {name!r} is absolute")
-    parts = [p for p in name.split("/") if p and p != "."]
-    if ".." in parts:
-        raise ValueError(f"{field} {name!r} contains '..'")
-    if len(name.encode("utf-8")) > _MAX_PATH:
-        raise ValueError(f"{field} is longer than {_MAX_PATH} bytes")
-    for p in parts:
-        if len(p.encode("utf-8")) > _MAX_NAME:
-            raise ValueError(f"{field} has a component longer than {_MAX_NAME} bytes")
-    return parts
 
 
 # Columns of a builder row (one list per entry, transposed into arrays at the end).
@@ -236,7 +103,7 @@ class _Builder:
             raise TOCError(f"TOC has more than {self.max_entries} entries")
         self.rows.append([kind, mode, 0, 0, -1, -1, 0, 0, 0, 0, 0, parent, -1, len(self.chunks)])
         self.names.append(name)
-        self.digests.append(_NO_DIGEST)
+        self.digests.append(NO_DIGEST)
         self.live.append(1)
         return i
 
@@ -337,8 +204,8 @@ class _Builder:
             or uid.__class__ is not int
             or gid.__class__ is not int
             or mode < 0
-            or not 0 <= uid <= _MAX_U32
-            or not 0 <= gid <= _MAX_U32
+            or not 0 <= uid <= MAX_U32
+            or not 0 <= gid <= MAX_U32
         ):
             return False
         sec = nsec = 0
@@ -348,20 +215,20 @@ class _Builder:
                 return False
             t = self.time_cache.get(modtime)
             if t is None:
-                t = self.time_cache[modtime] = _parse_time(modtime)
+                t = self.time_cache[modtime] = parse_time(modtime)
             sec, nsec = t
         size = 0
-        digest = _NO_DIGEST
+        digest = NO_DIGEST
         chunk: tuple[int, int, int, int, int, int] | None = None
-        chunk_digest = _NO_DIGEST
+        chunk_digest = NO_DIGEST
         link = None
         if kind == EntryType.REG:
             size = get("size", 0)
-            if size.__class__ is not int or not 0 <= size <= _MAX_U63:
+            if size.__class__ is not int or not 0 <= size <= MAX_U63:
                 return False
             raw_digest = get("digest")
             if raw_digest is not None:
-                digest = _digest_bytes(raw_digest, "digest")
+                digest = digest_bytes(raw_digest, "digest")
             if size:
                 offset = get("offset", 0)
                 csize = get("chunkSize", 0)
@@ -384,11 +251,11 @@ class _Builder:
                 raw_chunk = get("chunkDigest")
                 if raw_chunk is None:
                     return False
-                chunk_digest = digest if raw_chunk == raw_digest else _digest_bytes(raw_chunk, "chunkDigest")
+                chunk_digest = digest if raw_chunk == raw_digest else digest_bytes(raw_chunk, "chunkDigest")
                 chunk = (0, csize, offset, 0, 0, 0)
         elif kind == EntryType.SYMLINK:
             link = get("linkName")
-            if link.__class__ is not str or not link or len(link) > _MAX_PATH // 4 or "\x00" in link:
+            if link.__class__ is not str or not link or len(link) > MAX_PATH // 4 or "\x00" in link:
                 return False
         # Every check passed: record the entry.
         i = len(rows)
@@ -431,7 +298,7 @@ class _Builder:
 
     def _add(self, e: dict[str, Any]) -> None:
         kind_name = e.get("type")
-        parts = _clean(e.get("name"), "name")
+        parts = clean(e.get("name"), "name")
         if kind_name == "chunk":
             self._add_chunk(e, "/".join(parts))
             return
@@ -473,10 +340,10 @@ class _Builder:
         row[_MODE] = mode
         uid = e.get("uid", 0)
         gid = e.get("gid", 0)
-        if uid.__class__ is not int or not 0 <= uid <= _MAX_U32:
-            raise ValueError(f"uid {uid!r} is not an integer in [0, {_MAX_U32}]")
-        if gid.__class__ is not int or not 0 <= gid <= _MAX_U32:
-            raise ValueError(f"gid {gid!r} is not an integer in [0, {_MAX_U32}]")
+        if uid.__class__ is not int or not 0 <= uid <= MAX_U32:
+            raise ValueError(f"uid {uid!r} is not an integer in [0, {MAX_U32}]")
+        if gid.__class__ is not int or not 0 <= gid <= MAX_U32:
+            raise ValueError(f"gid {gid!r} is not an integer in [0, {MAX_U32}]")
         row[_UID] = uid
         row[_GID] = gid
         uname = e.get("userName")
@@ -497,11 +364,11 @@ class _Builder:
                 raise ValueError("modtime is not a string")
             t = self.time_cache.get(modtime)
             if t is None:
-                t = self.time_cache[modtime] = _parse_time(modtime)
+                t = self.time_cache[modtime] = parse_time(modtime)
             row[_MTIME], row[_NSEC] = t
-        xattrs = e.get("xattrs")
-        if xattrs:
-            self.xattrs[i] = _xattrs(xattrs)
+        raw_xattrs = e.get("xattrs")
+        if raw_xattrs:
+            self.xattrs[i] = parse_xattrs(raw_xattrs)
         if kind == EntryType.REG:
             self._fill_reg(i, row, e)
         elif kind == EntryType.SYMLINK:
@@ -510,7 +377,7 @@ class _Builder:
                 raise ValueError("symlink has no valid linkName")
             self._set_link(i, target)
         elif kind == EntryType.HARDLINK:
-            parts = _clean(e.get("linkName"), "linkName")
+            parts = clean(e.get("linkName"), "linkName")
             target_path = "/".join(parts)
             found = self.by_path.get(target_path)
             if found is None or found == i:
@@ -523,24 +390,24 @@ class _Builder:
             self.hardlinks[target] = self.hardlinks.get(target, 0) + 1
             self._set_link(i, target_path)
         elif kind in (EntryType.CHAR, EntryType.BLOCK):
-            row[_MAJOR] = _uint(e, "devMajor", _MAX_U32)
-            row[_MINOR] = _uint(e, "devMinor", _MAX_U32)
+            row[_MAJOR] = uint(e, "devMajor", MAX_U32)
+            row[_MINOR] = uint(e, "devMinor", MAX_U32)
 
     def _set_link(self, i: int, target: str) -> None:
         if i != len(self.rows) - 1:
             raise ValueError("a link may not redefine an existing directory")
-        if len(target) > _MAX_PATH // 4 and len(target.encode("utf-8")) > _MAX_PATH:
-            raise ValueError(f"linkName is longer than {_MAX_PATH} bytes")
+        if len(target) > MAX_PATH // 4 and len(target.encode("utf-8")) > MAX_PATH:
+            raise ValueError(f"linkName is longer than {MAX_PATH} bytes")
         self.links[i] = target
 
     def _fill_reg(self, i: int, row: list[int], e: dict[str, Any]) -> None:
         size = e.get("size", 0)
-        if size.__class__ is not int or not 0 <= size <= _MAX_U63:
-            raise ValueError(f"size {size!r} is not an integer in [0, {_MAX_U63}]")
+        if size.__class__ is not int or not 0 <= size <= MAX_U63:
+            raise ValueError(f"size {size!r} is not an integer in [0, {MAX_U63}]")
         row[_SIZE] = size
         digest = e.get("digest")
         if digest is not None:
-            self.digests[i] = _digest_bytes(digest, "digest")
+            self.digests[i] = digest_bytes(digest, "digest")
         self.current_file = i
         self.current_end = 0
         if size:
@@ -581,8 +448,8 @@ class _Builder:
             if chunk_type not in (None, ""):
                 raise ValueError(f"unknown chunkType {chunk_type!r}")
             for key, v in (("offset", offset), ("innerOffset", inner), ("endOffset", end)):
-                if v.__class__ is not int or not 0 <= v <= _MAX_U63:
-                    raise ValueError(f"{key} {v!r} is not an integer in [0, {_MAX_U63}]")
+                if v.__class__ is not int or not 0 <= v <= MAX_U63:
+                    raise ValueError(f"{key} {v!r} is not an integer in [0, {MAX_U63}]")
             if offset == 0 and inner == 0:
                 raise ValueError("non-empty payload has no offset")
             if offset >= self.toc_offset:
@@ -592,12 +459,12 @@ class _Builder:
             self.chunks.append((file_off, csize, offset, end, inner, 0))
         chunk_digest = e.get("chunkDigest")
         if chunk_digest is None:
-            self.chunk_digests.append(_NO_DIGEST)
+            self.chunk_digests.append(NO_DIGEST)
             self.chunk_digest_missing.append(len(self.chunks) - 1)
         elif chunk_digest == e.get("digest"):
             self.chunk_digests.append(self.digests[i])  # already parsed and validated
         else:
-            self.chunk_digests.append(_digest_bytes(chunk_digest, "chunkDigest"))
+            self.chunk_digests.append(digest_bytes(chunk_digest, "chunkDigest"))
 
     # -- finish ---------------------------------------------------------------------------------
     def finish(self) -> TOC:
@@ -733,27 +600,6 @@ def _offsets(parts: list[bytes]) -> array[int]:
     return array("Q", accumulate(map(len, parts), initial=0))
 
 
-def _uint(e: dict[str, Any], key: str, limit: int) -> int:
-    v = e.get(key, 0)
-    if type(v) is not int or v < 0 or v > limit:
-        raise ValueError(f"{key} {v!r} is not an integer in [0, {limit}]")
-    return v
-
-
-def _xattrs(raw: object) -> tuple[tuple[str, bytes], ...]:
-    if not isinstance(raw, dict):
-        raise ValueError("xattrs is not an object")
-    out = []
-    for k, v in raw.items():
-        if not k or "\x00" in k or len(k) > 255 or not isinstance(v, str):
-            raise ValueError(f"xattr {k[:64]!r} has an invalid name or a non-string value")
-        try:
-            out.append((k, binascii.a2b_base64(v, strict_mode=True)))
-        except binascii.Error as exc:
-            raise ValueError(f"xattr {k!r} is not valid base64: {exc}") from None
-    return tuple(sorted(out))
-
-
 def index_toc_json(
     data: bytes,
     footer: Footer,
@@ -782,7 +628,7 @@ def index_toc_json(
     gc.disable()
     try:
         try:
-            top = _walk_json(text, builder.add)
+            top = walk_json(text, builder.add)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             if isinstance(exc, TOCError):
                 raise
