@@ -41,6 +41,7 @@ from fusefs.manager import LayerManager, ServedLayer
 from snapshotter import control_http
 from snapshotter.config import Config
 from snapshotter.control_http import Request, Response, error_response, json_response
+from snapshotter.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class DaemonInfo:
     config_path: str | None
     control_address: str
     metrics_address: str | None = None
+    store: Store | None = None  # to name the snapshots a layer is mounted for
 
 
 class _Rates:
@@ -140,7 +142,9 @@ class ControlAPI:
             return error_response(503, "lazysnapd runs without a layer filesystem (no lazy layers)")
         manager = self._manager
         if route == ("GET", "/v1/layers"):
-            return json_response({"layers": [self._layer_json(s) for s in manager.served_layers()]})
+            served = manager.served_layers()
+            names = await self._snapshot_names([m for s in served for m in s.mountpoints])
+            return json_response({"layers": [self._layer_json(s, names) for s in served]})
         m = _LAYER_ROUTE.fullmatch(route[1])
         if m is not None:
             return await self._layer_route(req, manager, m.group(1), bool(m.group(2)))
@@ -199,7 +203,27 @@ class ControlAPI:
     def _find(self, manager: LayerManager, digest: str) -> ServedLayer | None:
         return next((s for s in manager.served_layers() if s.spec.digest == digest), None)
 
-    def _layer_json(self, served: ServedLayer) -> dict[str, Any]:
+    async def _snapshot_names(self, mountpoints: list[str]) -> dict[str, str]:
+        """The snapshot key behind each ``<root>/snapshots/<id>/fs`` mountpoint (store lookups)."""
+        store = self._info.store
+        if store is None or not mountpoints:
+            return {}
+        snapshots = os.path.join(os.path.abspath(self._info.config.root), "snapshots")
+
+        def lookup() -> dict[str, str]:
+            out: dict[str, str] = {}
+            with store.read() as tx:
+                for mp in mountpoints:
+                    sid = os.path.basename(os.path.dirname(mp))
+                    if os.path.dirname(os.path.dirname(mp)) == snapshots and sid.isdigit():
+                        rec = tx.by_id(int(sid))
+                        if rec is not None:
+                            out[mp] = rec.key
+            return out
+
+        return await trio.to_thread.run_sync(lookup)
+
+    def _layer_json(self, served: ServedLayer, names: dict[str, str] | None = None) -> dict[str, Any]:
         res = residency.layer_residency(served.fetcher)
         stats = served.fetcher.statistics()
         spec = served.spec
@@ -219,6 +243,7 @@ class ControlAPI:
             "warm": self._warming.get(spec.digest),
             "errors": {"integrity": stats.integrity_failures, "source": stats.source_failures},
             "mountpoints": list(served.mountpoints),
+            "snapshots": [names[m] for m in served.mountpoints if m in names] if names else [],
         }
 
     async def _layer_route(self, req: Request, manager: LayerManager, digest: str, fetch: bool) -> Response:
@@ -235,7 +260,7 @@ class ControlAPI:
             return json_response(self._layer_json(served), status=202)
         if req.method != "GET":
             return error_response(405, f"use GET on {req.path}")
-        body = self._layer_json(served)
+        body = self._layer_json(served, await self._snapshot_names(list(served.mountpoints)))
         path = req.query.get("path", "/")
         try:
             entries = residency.tree(served.fetcher, path, limit=_tree_limit(req))

@@ -58,7 +58,7 @@ def layers_table(layers: list[dict[str, Any]]) -> Table:
                   f"{human_size(fetched)} ({_pct(fetched, compressed)})",
                   f"{human_size(layer['cached_bytes'])} ({layer['resident_percent']:.1f}%)",
                   (layer.get("warm") or {}).get("state") or layer["background"],
-                  str(len(layer["mountpoints"])))
+                  "\n".join(layer["snapshots"]) or str(len(layer["mountpoints"])))
     return t
 
 

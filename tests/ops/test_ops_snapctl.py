@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import chain_ids
 from tests.ops.conftest import Served
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +43,8 @@ def test_status_and_layers_follow_reads(served: Served) -> None:
     daemon = status["daemon"]
     assert status["remote"] == 3 and daemon["layer_filesystem"] and daemon["layers"] == 3
     assert daemon["sockets"]["control"] == str(served.control)
+    names = {name for entry in served.snapctl_json("layers") for name in entry["snapshots"]}
+    assert names == set(chain_ids(esgz.diff_ids))  # the committed snapshots, by name
     assert {layer["digest"] for layer in served.snapctl_json("layers")} == set(esgz.layer_digests)
 
     digest = esgz.layer_digests[1]
