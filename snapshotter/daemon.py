@@ -243,7 +243,7 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
             snaps.attach_layer_filesystem(TimedLayerFilesystem(layerfs, metrics),
                                           trio.lowlevel.current_trio_token())
             await snaps.restore_remote()
-        metrics_address = await _open_operator_servers(stack, cfg, config_path, metrics, manager)
+        metrics_address = await _open_operator_servers(stack, cfg, config_path, metrics, manager, store)
         server, endpoint = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps), listener,
                                                          metrics)
 
@@ -273,7 +273,7 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
 
 
 async def _open_operator_servers(stack: contextlib.AsyncExitStack, cfg: Config, config_path: str | None,
-                                 metrics: Metrics, manager: LayerManager | None) -> str | None:
+                                 metrics: Metrics, manager: LayerManager | None, store: Store) -> str | None:
     """Enter the metrics endpoint (if configured) and the control API on ``stack``.
 
     Returns the metrics endpoint's bound address. A default control socket that cannot be
@@ -284,7 +284,7 @@ async def _open_operator_servers(stack: contextlib.AsyncExitStack, cfg: Config, 
     try:
         if cfg.metrics.address is not None:
             bound = await stack.enter_async_context(open_metrics_server(cfg.metrics.address, metrics))
-        info = DaemonInfo(cfg, config_path, control_address(cfg), bound)
+        info = DaemonInfo(cfg, config_path, control_address(cfg), bound, store)
         try:
             await stack.enter_async_context(open_control_server(info, manager))
         except control_http.ListenError as exc:
