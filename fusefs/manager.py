@@ -356,6 +356,8 @@ class LayerManager:
                     await source.aclose()
         except LayerError as exc:
             log.debug("neighbour %s of %s not resolved: %s", digest, spec.digest, exc)
+        except Exception:  # a bug; this best-effort task runs in the session's nursery: don't end it
+            log.exception("unexpected error resolving neighbour %s of %s", digest, spec.digest)
         finally:
             self._resolving.discard(digest)
 
