@@ -109,3 +109,25 @@ def test_parse_address() -> None:
     for bad in ("9101", "localhost", "unix:relative", "host:99999", ":80"):
         with pytest.raises(ListenError):
             parse_address(bad)
+
+
+def test_metrics_on_a_unix_socket(make_lazysnapd: Callable[..., Lazysnapd], tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    snapd = make_lazysnapd(config=f'[metrics]\naddress = "unix:{path}"\n')
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=30) as c:
+        text = c.get("http://lazysnapd/metrics").text
+    assert "lazysnap_layers_served 0.0" in text and "lazysnap_cache_max_bytes" in text
+    with ControlClient(str(snapd.root / "control.sock")) as client:
+        assert client.get("/v1/status")["sockets"]["metrics"] == str(path)
+
+
+def test_a_bad_metrics_address_stops_the_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[metrics]\naddress = "localhost"\n')
+    argv = ["lazysnapd", "--root", str(tmp_path / "root"), "--address", str(tmp_path / "s.sock"),
+            "--config", str(cfg)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "not host:port, unix:/path or /path" in res.stderr
+    assert not (tmp_path / "s.sock").exists() and not (tmp_path / "root" / "control.sock").exists()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()  # FUSE session unmounted
