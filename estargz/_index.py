@@ -48,6 +48,15 @@ __all__ = ["DEFAULT_MAX_CHUNK_SIZE", "DEFAULT_MAX_ENTRIES", "index_toc_json"]
 DEFAULT_MAX_ENTRIES = 4_000_000
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20
 _HIDDEN_AT_ROOT = frozenset({".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"})
+# Plain ints for the hot paths: comparing with (and looking up) IntEnum members costs ~10x more.
+_DIR, _REG, _SYMLINK, _HARDLINK, _CHAR, _BLOCK = (
+    int(EntryType.DIR),
+    int(EntryType.REG),
+    int(EntryType.SYMLINK),
+    int(EntryType.HARDLINK),
+    int(EntryType.CHAR),
+    int(EntryType.BLOCK),
+)
 _TYPES = {
     "dir": EntryType.DIR,
     "reg": EntryType.REG,
@@ -94,7 +103,7 @@ class _Builder:
         self.n_json = 0
         self.has_chunk_entries = False
         self.chunk_digest_missing: list[int] = []  # chunks without chunkDigest
-        self._new(EntryType.DIR, "", ROOT, 0o755)
+        self._new(_DIR, "", ROOT, 0o755)
 
     # -- entries -------------------------------------------------------------------------------
     def _new(self, kind: int, name: str, parent: int, mode: int) -> int:
@@ -117,7 +126,7 @@ class _Builder:
     def _dir_for(self, parts: list[str]) -> int:
         """Index of the directory holding ``parts``, creating missing ones (mode 0755)."""
         i = self.by_path.get("/".join(parts))
-        if i is not None and self.rows[i][_TYPE] == EntryType.DIR:
+        if i is not None and self.rows[i][_TYPE] == _DIR:
             return i
         parent = ROOT
         path = ""
@@ -125,9 +134,9 @@ class _Builder:
             path = f"{path}/{p}" if path else p
             i = self.by_path.get(path)
             if i is None:
-                i = self._new(EntryType.DIR, p, parent, 0o755)
+                i = self._new(_DIR, p, parent, 0o755)
                 self.by_path[path] = i
-            elif self.rows[i][_TYPE] != EntryType.DIR:
+            elif self.rows[i][_TYPE] != _DIR:
                 raise ValueError(
                     f"parent {path!r} is a {EntryType(self.rows[i][_TYPE]).label}, not a directory"
                 )
@@ -158,11 +167,11 @@ class _Builder:
         get = e.get
         kind_name = get("type")
         if kind_name == "reg":
-            kind = EntryType.REG
+            kind = _REG
         elif kind_name == "dir":
-            kind = EntryType.DIR
+            kind = _DIR
         elif kind_name == "symlink":
-            kind = EntryType.SYMLINK
+            kind = _SYMLINK
         else:
             return False
         name = get("name")
@@ -190,7 +199,7 @@ class _Builder:
         parent_path, _, base = path.rpartition("/")
         if parent_path:
             parent = by_path.get(parent_path)
-            if parent is None or rows[parent][_TYPE] != EntryType.DIR:
+            if parent is None or rows[parent][_TYPE] != _DIR:
                 return False
         elif base in _HIDDEN_AT_ROOT:
             return False
@@ -222,7 +231,7 @@ class _Builder:
         chunk: tuple[int, int, int, int, int, int] | None = None
         chunk_digest = NO_DIGEST
         link = None
-        if kind == EntryType.REG:
+        if kind == _REG:
             size = get("size", 0)
             if size.__class__ is not int or not 0 <= size <= MAX_U63:
                 return False
@@ -253,7 +262,7 @@ class _Builder:
                     return False
                 chunk_digest = digest if raw_chunk == raw_digest else digest_bytes(raw_chunk, "chunkDigest")
                 chunk = (0, csize, offset, 0, 0, 0)
-        elif kind == EntryType.SYMLINK:
+        elif kind == _SYMLINK:
             link = get("linkName")
             if link.__class__ is not str or not link or len(link) > MAX_PATH // 4 or "\x00" in link:
                 return False
@@ -285,7 +294,7 @@ class _Builder:
         by_path[path] = i
         if link is not None:
             self.links[i] = link
-        if kind == EntryType.REG:
+        if kind == _REG:
             self.current_file = i
             self.current_end = 0
             if chunk is not None:
@@ -313,7 +322,7 @@ class _Builder:
             raise ValueError(f"mode {mode!r} is not a non-negative integer")
         mode &= 0o7777
         if not parts:
-            if kind != EntryType.DIR:
+            if kind != _DIR:
                 raise ValueError("the layer root must be a directory")
             self._fill(ROOT, e, kind, mode)
             return
@@ -322,9 +331,9 @@ class _Builder:
         old = self.by_path.get(path)
         if old is not None:
             old_kind = self.rows[old][_TYPE]
-            if (old_kind == EntryType.DIR) != (kind == EntryType.DIR):
+            if (old_kind == _DIR) != (kind == _DIR):
                 raise ValueError(f"duplicate name turns a {EntryType(old_kind).label} into a {kind.label}")
-            if old_kind == EntryType.DIR:
+            if old_kind == _DIR:
                 self._fill(old, e, kind, mode)
                 return
             self.live[old] = 0
@@ -369,14 +378,14 @@ class _Builder:
         raw_xattrs = e.get("xattrs")
         if raw_xattrs:
             self.xattrs[i] = parse_xattrs(raw_xattrs)
-        if kind == EntryType.REG:
+        if kind == _REG:
             self._fill_reg(i, row, e)
-        elif kind == EntryType.SYMLINK:
+        elif kind == _SYMLINK:
             target = e.get("linkName")
             if target.__class__ is not str or not target or "\x00" in target:
                 raise ValueError("symlink has no valid linkName")
             self._set_link(i, target)
-        elif kind == EntryType.HARDLINK:
+        elif kind == _HARDLINK:
             parts = clean(e.get("linkName"), "linkName")
             target_path = "/".join(parts)
             found = self.by_path.get(target_path)
@@ -384,12 +393,12 @@ class _Builder:
                 raise ValueError(f"hardlink target {target_path!r} is not an earlier entry")
             link = self.rows[found][_LINK]
             target = link if link >= 0 else found
-            if self.rows[target][_TYPE] == EntryType.DIR:
+            if self.rows[target][_TYPE] == _DIR:
                 raise ValueError(f"hardlink target {target_path!r} is a directory")
             row[_LINK] = target
             self.hardlinks[target] = self.hardlinks.get(target, 0) + 1
             self._set_link(i, target_path)
-        elif kind in (EntryType.CHAR, EntryType.BLOCK):
+        elif kind in (_CHAR, _BLOCK):
             row[_MAJOR] = uint(e, "devMajor", MAX_U32)
             row[_MINOR] = uint(e, "devMinor", MAX_U32)
 
