@@ -24,9 +24,10 @@ import trio
 from fusefs import codecs
 from fusefs.cache import ChunkCache
 from fusefs.config import FetchConfig
-from fusefs.errors import IntegrityError, LayerError, SourceError
+from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
 from fusefs.index import Chunk, LayerIndex, NodeId
 from fusefs.sources.base import BlobSource
+from fusefs.sources.replay import RecordingSource
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,43 @@ class PriorityGate:
         while self._active:
             await self._idle.wait()
         await trio.lowlevel.checkpoint()
+
+
+class _NotHeld(Exception):
+    pass
+
+
+class _NoSource:
+    """A BlobSource that has nothing: RecordingSource over it serves only what it recorded."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+    async def size(self) -> int:
+        raise _NotHeld
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        raise _NotHeld
+
+    async def check(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _held_from(held: RecordingSource, start: int, end: int) -> int:
+    """The lowest ``x`` in ``[start, end]`` such that ``held`` holds ``[x, end)`` (bisection)."""
+    lo, hi = start, end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            await held.read_ranges([(mid, end - mid)])
+        except _NotHeld:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _again(exc: LayerError) -> LayerError:
@@ -153,6 +191,65 @@ class ChunkFetcher:
         self._reads += 1
         self._served += len(data)
         return data
+
+    async def adopt_index_reads(self, *, fetch_head: bool = True) -> int:
+        """Cache the chunks whose bytes came with the index reads (the blob tail); return how many.
+
+        The format reader's first request usually brings the last chunks before the TOC too;
+        the manager persisted those ranges with the index, so taking the chunks from there
+        saves fetching them a second time. The chunk straddling the start of those ranges is
+        completed with a fetch of its missing head only (unless ``fetch_head`` is false: then
+        no request at all is made). Each chunk is verified like a fetched
+        one, under a flight so concurrent readers wait for it; a chunk that fails is left to
+        the normal miss path.
+        """
+        persisted = await trio.to_thread.run_sync(self._cache.load_index, self.layer_digest)
+        if persisted is None:
+            return 0
+        try:
+            held = RecordingSource.load(_NoSource(self.layer_digest), persisted)
+        except FormatError:
+            return 0
+        index = self.index
+        adopted = 0
+        # the recorded ranges are the tail: walk back from the last chunk until one is not held
+        for cid in sorted(range(index.chunk_count), key=index.chunk_blob_range, reverse=True):
+            start, end = index.chunk_blob_range(cid)
+            head_end = await _held_from(held, start, end)
+            if head_end == end:
+                break  # nothing of this chunk was read with the index: neither of earlier ones
+            if (self.is_cached(cid) or cid in self._inflight or cid in self._failures
+                    or (head_end > start and not fetch_head)):
+                if head_end > start:
+                    break
+                continue
+            (tail,) = await held.read_ranges([(head_end, end - head_end)])
+            if await self._adopt_one(cid, start, head_end, tail):
+                adopted += 1
+            if head_end > start:
+                break
+        return adopted
+
+    async def _adopt_one(self, cid: int, start: int, head_end: int, tail: bytes) -> bool:
+        flight = _Flight(trio.Event())
+        self._inflight[cid] = flight
+        try:
+            if head_end > start:
+                try:
+                    (head,) = await self._read_ranges([(start, head_end - start)], background=True)
+                except SourceError:
+                    return False  # waiters fetch it themselves (flight.data stays None)
+                tail = head + tail
+            if await self._complete(cid, self.index.chunk(cid), tail, flight) is None:
+                return True
+            # bad bytes on disk say nothing of the source: let readers fetch it at once
+            flight.error = None
+            self._failures.pop(cid, None)
+            return False
+        finally:
+            if self._inflight.get(cid) is flight:
+                del self._inflight[cid]
+            flight.event.set()
 
     def _slice(self, cid: int, offset: int, end: int) -> tuple[int, int]:
         start = self.index.chunk_file_offset(cid)

@@ -1,5 +1,8 @@
 """Mount-time prefetch of the landmark prefix and low-priority background fetch of the rest.
 
+Each blob byte is fetched at most once: chunks that came with the index reads are taken from
+them first, and every later step skips chunks already cached or in flight.
+
 ``run`` is started per mounted layer in the manager's nursery and cancelled when the layer is
 released. The prefix is fetched with on-demand priority in as few requests as the coalescing
 limits allow; the background pass then walks the remaining chunks in blob order, one step of
@@ -35,9 +38,19 @@ def _uncached_in_blob_order(fetcher: ChunkFetcher, below: int | None) -> list[in
 
 
 async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int | None) -> None:
-    """Prefetch then background-fetch one layer; returns when done, never raises LayerError."""
-    boundary = prefetch_size if prefetch_size is not None else fetcher.index.prefetch_end
+    """Prefetch then background-fetch one layer; returns when done, never raises LayerError.
+
+    The prefix follows the layer's landmarks, as upstream: up to ``.prefetch.landmark``, nothing
+    for ``.no.prefetch.landmark``; only a layer with neither prefetches ``prefetch_size`` bytes
+    (the ``remote/stargz.prefetch`` label).
+    """
+    landmark_end = fetcher.index.prefetch_end
+    boundary = landmark_end if landmark_end is not None else prefetch_size
     try:
+        if config.prefetch or config.background:
+            adopted = await fetcher.adopt_index_reads(fetch_head=config.background)
+            if adopted:
+                log.info("layer %s: %d chunks taken from the index reads", fetcher.layer_digest, adopted)
         if config.prefetch and boundary:
             cids = _uncached_in_blob_order(fetcher, boundary)
             if cids:

@@ -4,7 +4,9 @@ Reads the blob tail in one request (large enough that small layers' TOCs come wi
 the footer and the TOC in a worker thread, and maps the TOC into an :class:`IndexBuilder`:
 ``.wh.<name>`` entries become whiteouts (char 0/0 ``name``), ``.wh..wh..opq`` marks its
 directory opaque, hardlinks share their target's node. The library already hides
-``stargz.index.json`` and the landmark files. The TOC digest (sha256 of the JSON, or the
+``stargz.index.json`` and the landmark files; the index's ``prefetch_end`` is the
+``.prefetch.landmark`` offset, 0 for a ``.no.prefetch.landmark`` layer and None for a layer with
+neither. The TOC digest (sha256 of the JSON, or the
 zstd:chunked manifest checksum) is what the manager verifies against ``spec.toc_digest``.
 
 Not served lazily (``UnsupportedFormat``, so the snapshotter falls back to a full pull): blobs
@@ -117,5 +119,6 @@ def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xatt
             continue
         builder.add_hardlink(path, toc.path(toc.link_target(i)))
     also = (toc.manifest_checksum,) if toc.manifest_checksum else ()
-    return builder.build(toc_digest=toc.digest, also_accept=also,
-                         prefetch_end=toc.prefetch_landmark_offset)
+    # ``.no.prefetch.landmark`` wins over ``.prefetch.landmark``, as upstream: an empty prefix
+    prefetch_end = 0 if toc.no_prefetch_landmark else toc.prefetch_landmark_offset
+    return builder.build(toc_digest=toc.digest, also_accept=also, prefetch_end=prefetch_end)
