@@ -114,6 +114,7 @@ def _bench(args: argparse.Namespace) -> int:
     ensure_packages()
     now = datetime.now(UTC)
     run_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+    commit = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
     run_dir, sock_dir = BENCH_ROOT / "runs" / run_id, BENCH_RUN / run_id
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
@@ -156,7 +157,8 @@ def _bench(args: argparse.Namespace) -> int:
             registry.start()
             stack.callback(registry.stop)
             probe = http_round_trip_ms(f"http://{registry.host}/v2/")
-            link = f"{settings.describe()} (measured: GET /v2/ on a new connection {probe:.1f} ms)"
+            link = (f"{settings.describe()} (measured: a GET /v2/ on a new connection, two round trips, "
+                    f"takes {probe:.1f} ms)")
 
         state = run_dir / "state"
         makers: dict[str, Callable[[], Snapshotter]] = {"overlayfs": overlayfs,
@@ -196,7 +198,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     unavailable = {n: s.unavailable for n, s in snapshotters.items() if s.unavailable is not None}
     info = report.RunInfo(run_id, now.strftime("%Y-%m-%d %H:%M UTC"),
-                          shlex.join(["scripts/bench/run", *sys.argv[1:]]), link, args.reps, unavailable)
+                          shlex.join(["scripts/bench/run", *sys.argv[1:]]), link, args.reps, unavailable,
+                          commit)
     report.save_info(RESULTS_DIR / f"{run_id}.info.json", info)
     if records:
         summary = ""

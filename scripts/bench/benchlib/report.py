@@ -29,6 +29,8 @@ class RunInfo:
     link: str
     reps: int
     unavailable: dict[str, str]
+    #: the repository's HEAD when the run started (lazysnapd runs from the working tree)
+    commit: str = ""
 
 
 def machine() -> str:
@@ -88,10 +90,14 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def _lazy_note(records: list[dict[str, Any]], kind: str, variant: str, **match: str) -> str:
-    """" (full pull)" when lazysnap mounted no layer lazily in these runs, so ratios are read right."""
+    """A footnote mark when lazysnap mounted no layer lazily in these runs (its figure is a full pull)."""
     mounts = median_of(_ok(records, kind=kind, snapshotter="lazysnap", variant=variant, **match),
                        "new_fuse_mounts")
-    return " (lazysnap: full pull, no lazy layer)" if mounts == 0 else ""
+    return " \\*" if mounts == 0 else ""
+
+
+FULL_PULL_NOTE = ("\n\\* lazysnap mounted no layer lazily in these runs: every layer was downloaded and "
+                  "unpacked (its fallback path), so the ratio compares a full pull with the other column.\n")
 
 
 class Table:
@@ -122,7 +128,8 @@ def _unavailable_note(info: RunInfo) -> str:
 def _preamble(info: RunInfo) -> str:
     return (f"Run `{info.run_id}`, {info.date}, on {machine()}. Link to the registry: {info.link}. "
             f"{info.reps} cold repetition{'s' if info.reps > 1 else ''} per cell, snapshotters interleaved. "
-            f"Command: `{info.command}`.\n\n")
+            f"Command: `{info.command}`"
+            + (f", lazysnap at commit `{info.commit}` (working tree)" if info.commit else "") + ".\n\n")
 
 
 def _mb(rows: list[dict[str, Any]], key: str) -> str:
@@ -189,7 +196,9 @@ def ratios_section(records: list[dict[str, Any]], images: list[str], info: RunIn
         t.add([img, _ratio(med("lazysnap", "esgz"), med("stargz-go", "esgz")) + esgz,
                _ratio(med("lazysnap", "opt"), med("stargz-go", "opt")) + opt,
                _ratio(med("lazysnap", "esgz"), med("overlayfs", "org")) + esgz])
-    return "Cold-start time ratios (below 1 = lazysnap faster), from the medians above:\n\n" + t.render()
+    note = FULL_PULL_NOTE if any("\\*" in cell for row in t.rows for cell in row) else ""
+    return ("Cold-start time ratios (below 1 = lazysnap faster), from the medians above:\n\n"
+            + t.render() + note)
 
 
 def read_section(records: list[dict[str, Any]], info: RunInfo) -> str:
@@ -222,7 +231,8 @@ def read_section(records: list[dict[str, Any]], info: RunInfo) -> str:
             note = _lazy_note(records, "read", "esgz")
             r.add([p, _ratio(med("lazysnap", "esgz"), med("stargz-go", "esgz")) + note,
                    _ratio(med("lazysnap", "esgz"), med("overlayfs", "org")) + note])
-        out += ["\nThroughput ratios (above 1 = lazysnap faster):\n\n", r.render()]
+        note = FULL_PULL_NOTE if any("\\*" in cell for row in r.rows for cell in row) else ""
+        out += ["\nThroughput ratios (above 1 = lazysnap faster):\n\n", r.render(), note]
     else:
         out.append(f"\nRatios lazysnap/stargz-go and lazysnap/overlayfs: not available "
                    f"({info.unavailable['lazysnap']}).\n")
