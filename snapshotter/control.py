@@ -144,7 +144,7 @@ class ControlAPI:
         if route == ("GET", "/v1/layers"):
             served = manager.served_layers()
             names = await self._snapshot_names([m for s in served for m in s.mountpoints])
-            return json_response({"layers": [self._layer_json(s, names) for s in served]})
+            return json_response({"layers": [await self._layer_json(s, names) for s in served]})
         m = _LAYER_ROUTE.fullmatch(route[1])
         if m is not None:
             return await self._layer_route(req, manager, m.group(1), bool(m.group(2)))
@@ -223,8 +223,9 @@ class ControlAPI:
 
         return await trio.to_thread.run_sync(lookup)
 
-    def _layer_json(self, served: ServedLayer, names: dict[str, str] | None = None) -> dict[str, Any]:
-        res = residency.layer_residency(served.fetcher)
+    async def _layer_json(self, served: ServedLayer, names: dict[str, str] | None = None) -> dict[str, Any]:
+        # one cache lookup per chunk: off the trio thread, which also serves FUSE
+        res = await trio.to_thread.run_sync(residency.layer_residency, served.fetcher)
         stats = served.fetcher.statistics()
         spec = served.spec
         return {
@@ -257,13 +258,13 @@ class ControlAPI:
             if state is None or state["state"] != "running":
                 self._warming[digest] = {"state": "running", "error": None}
                 self._nursery.start_soon(self._warm, manager, digest)
-            return json_response(self._layer_json(served), status=202)
+            return json_response(await self._layer_json(served), status=202)
         if req.method != "GET":
             return error_response(405, f"use GET on {req.path}")
-        body = self._layer_json(served, await self._snapshot_names(list(served.mountpoints)))
+        body = await self._layer_json(served, await self._snapshot_names(list(served.mountpoints)))
         path = req.query.get("path", "/")
         try:
-            entries = residency.tree(served.fetcher, path, limit=_tree_limit(req))
+            entries = await trio.to_thread.run_sync(residency.tree, served.fetcher, path, _tree_limit(req))
         except KeyError:
             return error_response(404, f"no {path!r} in layer {digest}")
         except FormatError as exc:

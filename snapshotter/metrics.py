@@ -30,8 +30,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from fusefs import residency
 from fusefs.fetch import FetchStatistics
+from fusefs.index import LayerIndex
 from fusefs.manager import LayerManager
 from fusefs.spec import LayerSpec
 from snapshotter import control_http
@@ -180,6 +180,7 @@ class _FusefsCollector(Collector):
         self._manager = manager
         self._retired: dict[str, int] = dict.fromkeys(_FETCH_FIELDS, 0)
         self._last: dict[str, FetchStatistics] = {}
+        self._sizes: dict[str, int] = {}  # layer digest → uncompressed bytes (indexes never change)
 
     def _fetch_totals(self, current: dict[str, FetchStatistics]) -> dict[str, int]:
         # A layer that stopped being served takes its counters along: keep its last values.
@@ -244,15 +245,19 @@ class _FusefsCollector(Collector):
                                       "1 once a layer's prefetch and background fetch pass ended",
                                       labels=labels),
         }
-        for served in m.served_layers():
-            key = [served.spec.digest, served.spec.ref]
+        usage = m.cache.layer_usage()  # one pass over the cache's accounting, no per-chunk lookups
+        served_layers = m.served_layers()
+        self._sizes = {s.spec.digest: self._sizes.get(s.spec.digest) or _uncompressed(s.fetcher.index)
+                       for s in served_layers}
+        for served in served_layers:
+            digest = served.spec.digest
+            key = [digest, served.spec.ref]
             stats = served.fetcher.statistics()
-            res = residency.layer_residency(served.fetcher)
             fams["fetched"].add_metric(key, stats.bytes_fetched)
             fams["served"].add_metric(key, stats.bytes_served)
             fams["reads"].add_metric(key, stats.reads)
-            fams["cached"].add_metric(key, res.cached)
-            fams["size"].add_metric(key, res.uncompressed)
+            fams["cached"].add_metric(key, usage.get(digest, (0, 0))[1])
+            fams["size"].add_metric(key, self._sizes[digest])
             fams["done"].add_metric(key, 1 if served.background == "done" else 0)
         yield from fams.values()
 
@@ -280,6 +285,10 @@ class _FusefsCollector(Collector):
                 secs.add_metric([status], o.seconds)
         yield count
         yield secs
+
+
+def _uncompressed(index: LayerIndex) -> int:
+    return sum(index.chunk_size(cid) for cid in range(index.chunk_count))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
