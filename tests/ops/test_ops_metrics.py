@@ -84,3 +84,13 @@ def test_metrics_count_reads_fetches_and_calls(served: Served) -> None:
     assert _value(again, "lazysnap_fetched_bytes_total") == _value(after, "lazysnap_fetched_bytes_total")
 
     assert httpx.get(f"http://{address}/other", timeout=30).status_code == 404
+
+    # released layers take their per-layer series along, but the totals never go backwards
+    served.containerd.ctr("image", "rm", "--sync", served.esgz.ref)
+    gone = _scrape(address)
+    assert _value(gone, "lazysnap_layers_served") == 0
+    assert _sum(gone, "lazysnap_layer_fetched_bytes_total") == 0
+    for name in ("lazysnap_fetched_bytes_total", "lazysnap_served_bytes_total",
+                 "lazysnap_chunks_fetched_total"):
+        assert _value(gone, name) == _value(again, name) > 0, name
+    assert _value(gone, "lazysnap_layer_unmounts_total", result="ok") >= 3
