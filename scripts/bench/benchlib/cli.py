@@ -163,7 +163,8 @@ def _bench(args: argparse.Namespace) -> int:
         state = run_dir / "state"
         makers: dict[str, Callable[[], Snapshotter]] = {"overlayfs": overlayfs,
                   "stargz-go": lambda: stargz_go(state, sock_dir, logs, [registry.host]),
-                  "lazysnap": lambda: lazysnap(state, sock_dir, logs, args.lazysnap_config)}
+                  "lazysnap": lambda: lazysnap(state, sock_dir, logs, args.lazysnap_config,
+                                               [registry.host])}
         snapshotters: dict[str, Snapshotter] = {}
         for name in args.snapshotters:
             sn = makers[name]()
