@@ -45,7 +45,6 @@ from snapshotter.store import Store
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _LAYER_ROUTE = re.compile(r"/v1/layers/(sha256:[0-9a-f]{64})(/fetch)?")
 RATE_WINDOW = 60.0
 RATE_SAMPLE = 5.0
@@ -111,7 +110,8 @@ class _Rates:
             return 0.0
         then, old = self._samples[0]
         elapsed = time.monotonic() - then
-        return (total - old) / elapsed if elapsed > 0 else 0.0
+        # a released layer takes its bytes out of the total: never report a negative rate
+        return max(0.0, (total - old) / elapsed) if elapsed > 0 else 0.0
 
 
 class ControlAPI:
@@ -254,6 +254,9 @@ class ControlAPI:
         if fetch:
             if req.method != "POST":
                 return error_response(405, "use POST to start a fetch")
+            served_now = {s.spec.digest for s in manager.served_layers()}
+            for gone in set(self._warming) - served_now:  # keep the table bounded
+                del self._warming[gone]
             state = self._warming.get(digest)
             if state is None or state["state"] != "running":
                 self._warming[digest] = {"state": "running", "error": None}
