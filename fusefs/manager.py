@@ -169,8 +169,8 @@ class LayerManager:
     def source_factory(self) -> SourceFactory:
         return self._factory
 
-    def fuse_op_counts(self) -> dict[str, tuple[int, int]]:
-        """``{FUSE operation: (calls, failures)}`` since the session started."""
+    def fuse_op_counts(self) -> dict[str, tuple[int, int, float]]:
+        """``{FUSE operation: (calls, failures, seconds)}`` since the session started."""
         return self._ops.op_counts()
 
     @property

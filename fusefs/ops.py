@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -57,17 +58,24 @@ class LayerOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._op_calls: dict[str, int] = {}
         self._op_failures: dict[str, int] = {}
+        self._op_seconds: dict[str, float] = {}
         self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # -- helpers --------------------------------------------------------------------------
 
-    def op_counts(self) -> dict[str, tuple[int, int]]:
-        """``{operation: (calls, failures)}`` since start, for metrics (failures: any errno)."""
-        return {op: (n, self._op_failures.get(op, 0)) for op, n in self._op_calls.items()}
+    def op_counts(self) -> dict[str, tuple[int, int, float]]:
+        """``{operation: (calls, failures, seconds)}`` since start, for metrics.
+
+        Failures: answered with an errno other than ENOENT/ENODATA. Seconds: summed handler time,
+        waits for fetches included.
+        """
+        return {op: (n, self._op_failures.get(op, 0), self._op_seconds.get(op, 0.0))
+                for op, n in self._op_calls.items()}
 
     @contextmanager
     def _errors(self, op: str, inode: int) -> Iterator[None]:
         self._op_calls[op] = self._op_calls.get(op, 0) + 1
+        start = time.perf_counter()
         try:
             yield
         except pyfuse3.FUSEError as exc:
@@ -89,6 +97,8 @@ class LayerOperations(pyfuse3.Operations):
             self._op_failures[op] = self._op_failures.get(op, 0) + 1
             log.exception("unexpected error in %s of inode %d", op, inode)
             raise pyfuse3.FUSEError(errno.EIO) from exc
+        finally:
+            self._op_seconds[op] = self._op_seconds.get(op, 0.0) + time.perf_counter() - start
 
     def _resolve(self, inode: int) -> tuple[MountedLayer, NodeId]:
         resolved = self._table.resolve(inode)
