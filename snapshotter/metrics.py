@@ -266,11 +266,16 @@ class _FusefsCollector(Collector):
                                     labels=["op"])
         fails = CounterMetricFamily(f"{PREFIX}_fuse_operation_errors",
                                     "FUSE operations answered with an error (EIO, EROFS...)", labels=["op"])
-        for op, (n, failed) in sorted(m.fuse_op_counts().items()):
+        secs = CounterMetricFamily(f"{PREFIX}_fuse_operation_seconds",
+                                   "Time spent in FUSE handlers by operation (fetch waits included)",
+                                   labels=["op"])
+        for op, (n, failed, seconds) in sorted(m.fuse_op_counts().items()):
             calls.add_metric([op], n)
             fails.add_metric([op], failed)
+            secs.add_metric([op], seconds)
         yield calls
         yield fails
+        yield secs
 
     def _registry(self, m: LayerManager) -> Iterator[Metric]:
         outcomes = getattr(m.source_factory, "request_outcomes", None)

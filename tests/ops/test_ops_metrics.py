@@ -71,6 +71,8 @@ def test_metrics_count_reads_fetches_and_calls(served: Served) -> None:
     assert _value(after, "lazysnap_cache_stored_total") > _value(before, "lazysnap_cache_stored_total")
     assert _value(after, "lazysnap_fuse_operations_total", op="read") > \
         _value(before, "lazysnap_fuse_operations_total", op="read")
+    assert _value(after, "lazysnap_fuse_operation_seconds_total", op="read") > \
+        _value(before, "lazysnap_fuse_operation_seconds_total", op="read")
     assert _value(after, "lazysnap_registry_requests_total", status="206") > \
         _value(before, "lazysnap_registry_requests_total", status="206")
     assert _value(after, "lazysnap_fetch_requests_total", priority="on_demand") > \
