@@ -7,7 +7,8 @@ after the prioritized files (``.prefetch.landmark``); then, for gzip, the TOC me
 ``stargz.index.json`` + end-of-archive) and the 51-byte footer; for zstd, the TOC in a skippable
 frame and the 40-byte ``GnUlInUx`` footer frame. The gzip blob stays a valid tar.gz.
 
-Memory: payloads are spooled to an anonymous temp file, and at most ``2 * workers + 1`` members
+Memory: payloads of compressed input are spooled to an anonymous temp file (a plain, seekable
+tar is read in place), and at most ``2 * workers + 1`` members
 (each about ``chunk_size``) are held while a thread pool compresses them (zlib and zstd release
 the GIL). What grows with the layer is the TOC itself: one small record per entry, as upstream.
 """
@@ -137,11 +138,11 @@ def convert(
     if chunk_size < _BLOCK:
         raise ValueError(f"chunk_size must be at least {_BLOCK}")
     with tempfile.TemporaryFile(dir=tmpdir) as spool:
-        members = _spool_members(src, spool)
+        members, payloads = _read_members(src, spool)
         order = _ordered(members, prioritized)
         writer = _BlobWriter(
             dst,
-            spool,
+            payloads,
             chunk_size=chunk_size,
             zstd_chunked=zstd_chunked,
             level=_default_level(level, zstd_chunked),
@@ -188,11 +189,23 @@ def _clean(name: str, what: str) -> str:
     return "/".join(parts)
 
 
-def _spool_members(src: IO[bytes], spool: IO[bytes]) -> list[_Member]:
+def _open_tar(stream: IO[bytes], random_access: bool) -> tarfile.TarFile:
+    if random_access:
+        return tarfile.open(fileobj=stream, mode="r:", encoding="utf-8", errors="surrogateescape")
+    return tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
+
+
+def _read_members(src: IO[bytes], spool: IO[bytes]) -> tuple[list[_Member], IO[bytes]]:
+    """Index the input tar; returns its members and the file their payload offsets refer to.
+
+    A plain, seekable tar is read in place (payload offsets are offsets in ``src``); compressed or
+    streamed input has its payloads copied to ``spool``, since the writer may reorder them.
+    """
     stream = _open_input(src)
+    in_place = stream is src and src.seekable()
     members: list[_Member] = []
     try:
-        with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
+        with _open_tar(stream, in_place) as tar:
             for info in tar:
                 if info.type not in _TYPES:
                     raise InputError(f"tar entry {info.name!r} has unsupported type {info.type!r} (sparse?)")
@@ -201,8 +214,8 @@ def _spool_members(src: IO[bytes], spool: IO[bytes]) -> list[_Member]:
                     raise InputError(
                         f"tar entry {info.name!r} uses a name eStargz reserves at the layer root"
                     )
-                offset = spool.tell()
-                if info.isreg() and info.size:
+                offset = info.offset_data if in_place else spool.tell()
+                if info.isreg() and info.size and not in_place:
                     f = tar.extractfile(info)
                     assert f is not None
                     shutil.copyfileobj(f, spool, _COPY)
@@ -214,7 +227,7 @@ def _spool_members(src: IO[bytes], spool: IO[bytes]) -> list[_Member]:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"cannot read the input tar: {exc}") from exc
-    return members
+    return members, src if in_place else spool
 
 
 def _ordered(members: list[_Member], prioritized: Sequence[str]) -> list[_Member | None]:
@@ -413,7 +426,7 @@ class _BlobWriter:
             n = min(self.chunk_size, size - start)
             data = self.spool.read(n)
             if len(data) != n:
-                raise InputError(f"spooled payload of {m.path!r} is short")
+                raise InputError(f"payload of {m.path!r} is short: the input tar is truncated")
             if start:
                 chunk_entry = {"name": m.path, "type": "chunk", "chunkOffset": start}
                 self.toc.append(chunk_entry)

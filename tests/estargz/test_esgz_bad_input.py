@@ -423,3 +423,14 @@ def test_symlink_payload_cannot_escape_on_extract(tmp_path: Any) -> None:
     xattr = base64.b64encode(b"v").decode()
     ok = parse_blob_toc(make_blob({"version": 1, "entries": [reg("x", xattrs={"user.a": xattr})]}, PREFIX))
     assert ok.xattrs(ok.lookup("x") or 0) == {"user.a": b"v"}
+
+
+def test_writer_refuses_truncated_tar() -> None:
+    info = tarfile.TarInfo("big")
+    data = bytes(range(256)) * 40
+    info.size = len(data)
+    tar = tar_bytes([(info, data)])
+    for cut in (600, 512 + 5000, 9000):
+        for src in (tar[:cut], gzip.compress(tar[:cut])):
+            with pytest.raises(estargz.InputError, match=r"truncated|cannot read"):
+                estargz.convert(io.BytesIO(src), io.BytesIO())
