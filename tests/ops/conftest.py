@@ -50,6 +50,11 @@ no_background_fetch = true
 [cache]
 fsync = false
 
+[registry]
+max_retries = 2
+min_wait_msec = 10
+max_wait_msec = 100
+
 [metrics]
 address = "127.0.0.1:0"
 """
@@ -61,6 +66,7 @@ class Served:
 
     snapd: Lazysnapd
     containerd: Containerd
+    registry: Registry
     image: BuiltImage
     esgz: EstargzImage
 
@@ -93,4 +99,4 @@ def served(make_lazysnapd: Callable[..., Lazysnapd], make_containerd: Callable[.
     snapd = make_lazysnapd(config=QUIET_CONFIG)
     ctd = make_containerd(proxy_socket=snapd.address, registries=[ranged_registry.host])
     ctd.ctr_remote("image", "rpull", "--plain-http", "--snapshotter", "lazysnap", esgz.ref)
-    return Served(snapd, ctd, img, esgz)
+    return Served(snapd, ctd, ranged_registry, img, esgz)

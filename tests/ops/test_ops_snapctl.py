@@ -132,3 +132,17 @@ def test_config_from_the_daemon_and_from_a_file(served: Served, tmp_path: Path) 
     res = served.snapctl("config", "--config", str(broken), "--control", str(tmp_path / "none.sock"),
                          check=False)
     assert res.returncode == 2 and "cache.max_bytes" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_fetch_reports_a_registry_that_went_away(served: Served) -> None:
+    digest = served.esgz.layer_digests[0]  # busybox: nothing of it was read yet
+    served.registry.stop()
+    res = served.snapctl("fetch", digest, check=False)
+    assert res.returncode == 1 and "fetch failed" in res.stderr and digest in res.stderr
+    assert "Traceback" not in res.stderr
+    layer = served.layer(digest)
+    assert layer["warm"]["state"] == "failed" and layer["errors"]["source"] >= 1
+    status = served.snapctl_json("status", "--address", str(served.snapd.address))
+    assert status["daemon"]["errors"]["source"] >= 1
+    unknown = served.snapctl("fetch", "registry.invalid/nothing:here", check=False)
+    assert unknown.returncode == 1 and "no served layer" in unknown.stderr
