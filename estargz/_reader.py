@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from ._chunks import decode_chunk, verify_digest
 from ._footer import MAX_FOOTER_SIZE, Footer, parse_footer
 from ._parse import DEFAULT_MAX_TOC_SIZE, parse_toc, verify_toc
-from ._toc import TOC, Entry, EntryType
+from ._toc import TOC, Chunk, Entry, EntryType
 from .errors import ChunkDigestMismatch, ChunkError, EstargzError
 
 __all__ = ["BlobFile", "BlobReader"]
@@ -58,7 +58,11 @@ class BlobReader:
         return data
 
     def read_chunks(self, index: int) -> Iterator[bytes]:
-        """The content of regular file ``index`` chunk by chunk, each verified before it is yielded.
+        """The content of regular file ``index`` chunk by chunk; nothing unverified is yielded.
+
+        Chunks with their own digest are verified one by one. When some chunk has none (legacy
+        multi-chunk files) the whole file is decoded, checked against the file digest, and only
+        then yielded. The file digest, when present, is always checked at the end as well.
 
         Raises:
             ChunkError / ChunkDigestMismatch: a chunk cannot be decoded or verified, or the file
@@ -68,37 +72,44 @@ class BlobReader:
         target = toc.link_target(index)
         if toc.type(target) != EntryType.REG:
             raise ChunkError(f"{toc.path(index)!r} is a {toc.type(target).label}, not a regular file")
-        whole = hashlib.sha256()
         file_digest = toc.file_digest(target)
-        for chunk in toc.chunks(target):
-            if chunk.digest is None and file_digest is None:
-                raise ChunkError(f"{toc.path(index)!r}: chunk at {chunk.file_offset} has no digest to verify")
-            if chunk.hole:
-                data = bytes(chunk.size)
-                if chunk.digest is not None:
-                    what = f"chunk {chunk.file_offset} of {toc.path(index)!r}"
-                    verify_digest(data, chunk.digest, what=what)
-            else:
-                raw = self._read(chunk.compressed_offset, chunk.compressed_end - chunk.compressed_offset)
-                try:
-                    data = decode_chunk(
-                        raw,
-                        codec=toc.codec,
-                        inner_offset=chunk.inner_offset,
-                        size=chunk.size,
-                        expected_digest=chunk.digest,
-                    )
-                except ChunkError as exc:
-                    where = f"{toc.path(index)!r} at file offset {chunk.file_offset}"
-                    raise type(exc)(f"{where}: {exc}") from None
+        chunks = toc.chunks(target)
+        if any(c.digest is None for c in chunks):
+            if file_digest is None:
+                raise ChunkError(f"{toc.path(index)!r} has chunks without digests and no file digest")
+            data = b"".join(self._decode(index, c) for c in chunks)
+            verify_digest(data, file_digest, what=f"file {toc.path(index)!r}")
+            yield data
+            return
+        whole = hashlib.sha256()
+        for chunk in chunks:
+            data = self._decode(index, chunk)
             whole.update(data)
             yield data
-        if file_digest is not None:
-            got = "sha256:" + whole.hexdigest()
-            if got != file_digest:
-                raise ChunkDigestMismatch(
-                    f"{toc.path(index)!r}: content is {got}, the TOC says {file_digest}"
-                )
+        if file_digest is not None and "sha256:" + whole.hexdigest() != file_digest:
+            raise ChunkDigestMismatch(
+                f"{toc.path(index)!r}: content is sha256:{whole.hexdigest()}, the TOC says {file_digest}"
+            )
+
+    def _decode(self, index: int, chunk: Chunk) -> bytes:
+        """One chunk's bytes, checked against its own digest when it has one."""
+        where = f"{self.toc.path(index)!r} at file offset {chunk.file_offset}"
+        if chunk.hole:
+            data = bytes(chunk.size)
+            if chunk.digest is not None:
+                verify_digest(data, chunk.digest, what=f"chunk of {where}")
+            return data
+        raw = self._read(chunk.compressed_offset, chunk.compressed_end - chunk.compressed_offset)
+        try:
+            return decode_chunk(
+                raw,
+                codec=self.toc.codec,
+                inner_offset=chunk.inner_offset,
+                size=chunk.size,
+                expected_digest=chunk.digest,
+            )
+        except ChunkError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
 
     def read_file(self, path: str) -> bytes:
         """The whole content of the regular file at ``path``, every chunk verified.
