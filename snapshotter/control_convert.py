@@ -1,15 +1,16 @@
 """``snapctl convert``: layer tars and OCI image layouts to eStargz, with the estargz writer.
 
 * :func:`convert_layer`: one tar (plain, gzip or zstd) → one eStargz blob file.
-* :func:`convert_layout`: an OCI image layout directory → a new layout whose image manifests
+* :func:`convert_layout`: an OCI image layout directory (nested indexes included; attestation
+  manifests are dropped) → a new layout whose image manifests
   have eStargz layers annotated with ``containerd.io/snapshot/stargz/toc.digest`` and the
   uncompressed size, and configs with the new diffIDs. Layers that already carry a TOC digest
   annotation are copied as they are.
 
 The input layout is untrusted: blob names must be ``sha256:<64 hex>``, JSON documents are
-bounded (``MAX_JSON``), every blob read is checked against its digest and size, and nested
-indexes or unknown media types are refused with a :class:`ConvertError`. ``progress`` is called
-with the number of source bytes consumed since the previous call.
+bounded (``MAX_JSON``), every blob read is checked against its digest and size, indexes nest at
+most ``MAX_INDEX_DEPTH`` deep, and unknown media types are refused with a :class:`ConvertError`.
+``progress`` is called with the number of source bytes consumed since the previous call.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import IO, Any
 import estargz
 
 MAX_JSON = 4 << 20
+MAX_INDEX_DEPTH = 4
 TOC_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
@@ -145,32 +147,106 @@ def layout_layers(src: str) -> list[dict[str, Any]]:
     """Descriptors of every layer of every image manifest in layout ``src`` (for progress totals)."""
     layout = _Layout(src)
     out: list[dict[str, Any]] = []
-    for desc in _manifests(layout):
-        out.extend(layout.read_json(desc).get("layers", []))
+
+    def walk(descs: list[dict[str, Any]], depth: int) -> None:
+        for desc in descs:
+            if _is_attestation(desc):
+                continue
+            if desc.get("mediaType") in _INDEX_TYPES:
+                walk(_index_manifests(layout.read_json(desc), desc["digest"], depth + 1), depth + 1)
+            else:
+                out.extend(layout.read_json(desc).get("layers", []))
+
+    walk(_top_manifests(layout), 0)
     return out
 
 
-def _manifests(layout: _Layout) -> list[dict[str, Any]]:
+def _top_manifests(layout: _Layout) -> list[dict[str, Any]]:
     try:
         index = json.loads((layout.root / "index.json").read_bytes()[:MAX_JSON])
     except (OSError, ValueError) as exc:
         raise ConvertError(f"{layout.root}/index.json: {exc}") from None
+    return _index_manifests(index, f"{layout.root}/index.json", 0)
+
+
+def _index_manifests(index: Any, where: str, depth: int) -> list[dict[str, Any]]:
+    if depth > MAX_INDEX_DEPTH:
+        raise ConvertError(f"{where}: image indexes nested deeper than {MAX_INDEX_DEPTH}")
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
-        raise ConvertError(f"{layout.root}/index.json lists no manifests")
+        raise ConvertError(f"{where} lists no manifests")
     for desc in manifests:
-        if not isinstance(desc, dict):
-            raise ConvertError("index.json: a manifest descriptor is not an object")
-        if desc.get("mediaType") in _INDEX_TYPES:
-            raise ConvertError("nested image indexes (multi-platform images) are not supported yet")
-        if desc.get("mediaType") not in _MANIFEST_TYPES:
-            raise ConvertError(f"index.json: unsupported manifest media type {desc.get('mediaType')!r}")
+        if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str):
+            raise ConvertError(f"{where}: a manifest descriptor is not an object with a digest")
+        if desc.get("mediaType") not in _MANIFEST_TYPES + _INDEX_TYPES:
+            raise ConvertError(f"{where}: unsupported manifest media type {desc.get('mediaType')!r}")
     return manifests
+
+
+def _is_attestation(desc: dict[str, Any]) -> bool:
+    annotations = desc.get("annotations") or {}
+    return bool(annotations.get("vnd.docker.reference.type") == "attestation-manifest")
+
+
+class _Converter:
+    """One layout conversion: converted layers are shared between the manifests that use them."""
+
+    def __init__(self, source: _Layout, target: _Layout, progress: Progress | None,
+                 options: dict[str, Any]) -> None:
+        self.source = source
+        self.target = target
+        self.progress = progress
+        self.options = options
+        self.done: dict[str, tuple[dict[str, Any], str]] = {}  # layer digest → (descriptor, diffID)
+        self.results: list[LayerResult] = []
+
+    def descriptors(self, descs: list[dict[str, Any]], depth: int) -> list[dict[str, Any]]:
+        # Attestations describe the original manifests, which the converted image no longer has.
+        return [self.descriptor(d, depth) for d in descs if not _is_attestation(d)]
+
+    def descriptor(self, desc: dict[str, Any], depth: int) -> dict[str, Any]:
+        if desc.get("mediaType") in _INDEX_TYPES:
+            index = self.source.read_json(desc)
+            index["manifests"] = self.descriptors(_index_manifests(index, desc["digest"], depth + 1),
+                                                  depth + 1)
+            return {**desc, **self.target.write_blob(_canonical(index))}
+        return {**desc, **self.manifest(desc)}
+
+    def manifest(self, desc: dict[str, Any]) -> dict[str, Any]:
+        manifest = self.source.read_json(desc)
+        layers = manifest.get("layers")
+        config_desc = manifest.get("config")
+        if not isinstance(layers, list) or not isinstance(config_desc, dict):
+            raise ConvertError(f"manifest {desc['digest']} has no layers or config")
+        config = self.source.read_json(config_desc)
+        diff_ids = config.get("rootfs", {}).get("diff_ids")
+        if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
+            raise ConvertError(f"config {config_desc['digest']}: diff_ids do not match the layers")
+        new_layers = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, dict) or not isinstance(layer.get("digest"), str):
+                raise ConvertError(f"manifest {desc['digest']}: a layer descriptor is not an object")
+            if layer["digest"] not in self.done:
+                self.done[layer["digest"]] = _convert_one(self.source, self.target, layer, diff_ids[i],
+                                                          self.results, self.progress, self.options)
+            new_desc, diff_ids[i] = self.done[layer["digest"]]
+            new_layers.append(new_desc)
+        manifest["config"] = {**config_desc, **self.target.write_blob(_canonical(config))}
+        manifest["layers"] = new_layers
+        manifest.setdefault("mediaType", desc["mediaType"])
+        return self.target.write_blob(_canonical(manifest))
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def convert_layout(src: str, dst: str, progress: Progress | None = None,
                    **options: Any) -> list[LayerResult]:
     """Convert OCI layout ``src`` into a new layout ``dst`` (must not exist); returns the layers done.
+
+    Nested indexes (multi-platform images) are converted recursively; attestation manifests
+    are dropped, since they describe manifests the new layout does not have.
 
     Raises:
         ConvertError: see the module docstring.
@@ -178,45 +254,18 @@ def convert_layout(src: str, dst: str, progress: Progress | None = None,
     if os.path.exists(dst):
         raise ConvertError(f"{dst} already exists")
     source = _Layout(src)
-    manifests = _manifests(source)
+    manifests = _top_manifests(source)
     work = Path(tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(os.path.abspath(dst))))
     try:
-        target = _Layout(str(work))
-        done: dict[str, tuple[dict[str, Any], str]] = {}  # source layer digest → (descriptor, diffID)
-        results: list[LayerResult] = []
-        new_index = []
-        for desc in manifests:
-            manifest = source.read_json(desc)
-            layers = manifest.get("layers")
-            config_desc = manifest.get("config")
-            if not isinstance(layers, list) or not isinstance(config_desc, dict):
-                raise ConvertError(f"manifest {desc['digest']} has no layers or config")
-            config = source.read_json(config_desc)
-            diff_ids = config.get("rootfs", {}).get("diff_ids")
-            if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
-                raise ConvertError(f"config {config_desc['digest']}: diff_ids do not match the layers")
-            new_layers = []
-            for i, layer in enumerate(layers):
-                if not isinstance(layer, dict):
-                    raise ConvertError(f"manifest {desc['digest']}: a layer descriptor is not an object")
-                if layer["digest"] not in done:
-                    done[layer["digest"]] = _convert_one(source, target, layer, diff_ids[i], results,
-                                                         progress, options)
-                new_desc, diff_ids[i] = done[layer["digest"]]
-                new_layers.append(new_desc)
-            new_config = target.write_blob(json.dumps(config, separators=(",", ":")).encode())
-            manifest["config"] = {**config_desc, **new_config}
-            manifest["layers"] = new_layers
-            manifest.setdefault("mediaType", desc["mediaType"])
-            written = target.write_blob(json.dumps(manifest, separators=(",", ":")).encode())
-            new_index.append({**desc, **written})
+        converter = _Converter(source, _Layout(str(work)), progress, options)
+        new_index = converter.descriptors(manifests, 0)
         (work / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": new_index}))
         (work / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
         os.rename(work, dst)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return results
+    return converter.results
 
 
 def _convert_one(source: _Layout, target: _Layout, layer: dict[str, Any], diff_id: str,

@@ -106,3 +106,41 @@ def test_convert_refuses_a_layout_whose_blob_lies(test_image: BuiltImage, tmp_pa
     res = _snapctl("convert", str(layout), str(tmp_path / "out"))
     assert res.returncode == 2 and "does not match its digest" in res.stderr
     assert not (tmp_path / "out").exists() and "Traceback" not in res.stderr
+
+
+def _put(layout: Path, value: object) -> dict[str, Any]:
+    data = json.dumps(value).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _blob(layout, digest).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def test_convert_a_multi_platform_layout(test_image: BuiltImage, tmp_path: Path) -> None:
+    # index.json → image index → (the image manifest, an attestation manifest)
+    layout = tmp_path / "layout"
+    shutil.copytree(test_image.layout, layout)
+    top = json.loads((layout / "index.json").read_text())
+    image = dict(top["manifests"][0], platform={"architecture": "amd64", "os": "linux"})
+    attestation = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   **_put(layout, {"schemaVersion": 2, "layers": []}),
+                   "annotations": {"vnd.docker.reference.type": "attestation-manifest",
+                                   "vnd.docker.reference.digest": image["digest"]}}
+    nested = {"mediaType": "application/vnd.oci.image.index.v1+json",
+              **_put(layout, {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                              "manifests": [image, attestation]})}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [nested]}))
+
+    out = tmp_path / "out"
+    res = _snapctl("convert", str(layout), str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)["layers"]) == 3
+    index_desc = json.loads((out / "index.json").read_text())["manifests"][0]
+    index = _json(out, index_desc["digest"])
+    assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64"]  # attestation dropped
+    manifest = _json(out, index["manifests"][0]["digest"])
+    for desc in manifest["layers"]:
+        _reader(_blob(out, desc["digest"]), desc["annotations"]["containerd.io/snapshot/stargz/toc.digest"])
+    res = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{out}"], capture_output=True, text=True,
+                         timeout=60)  # skopeo reads the new layout
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["manifests"][0]["digest"] == index["manifests"][0]["digest"]
