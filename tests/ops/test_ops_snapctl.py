@@ -46,6 +46,9 @@ def test_status_and_layers_follow_reads(served: Served) -> None:
     names = {name for entry in served.snapctl_json("layers") for name in entry["snapshots"]}
     assert names == set(chain_ids(esgz.diff_ids))  # the committed snapshots, by name
     assert {layer["digest"] for layer in served.snapctl_json("layers")} == set(esgz.layer_digests)
+    text = served.snapctl("status", "--address", str(served.snapd.address)).stdout
+    assert "snapshots: 3 (active 0, view 0, committed 3; remote 3)" in text
+    assert "3 served, 3 mounts" in text and str(served.control) in text
 
     digest = esgz.layer_digests[1]
     before = served.layer(digest)
