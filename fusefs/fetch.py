@@ -31,6 +31,8 @@ from fusefs.sources.replay import RecordingSource
 
 log = logging.getLogger(__name__)
 
+SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
+
 
 class PriorityGate:
     """Lets background fetches run only while no on-demand fetch is in flight (all layers)."""
@@ -149,6 +151,7 @@ class ChunkFetcher:
         self._on_demand = self._background = self._chunks = self._bytes = 0
         self._integrity_failures = self._source_failures = 0
         self._reads = self._served = 0
+        self._ahead_running = False
 
     def statistics(self) -> FetchStatistics:
         return FetchStatistics(self._on_demand, self._background, self._chunks, self._bytes,
@@ -159,8 +162,12 @@ class ChunkFetcher:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def read(self, node: NodeId, offset: int, length: int) -> bytes:
+    async def read(self, node: NodeId, offset: int, length: int, *, sequential: bool = False) -> bytes:
         """Bytes ``[offset, offset+length)`` of regular file ``node``, short at end of file.
+
+        ``sequential``: the caller read the bytes just before; the chunks of the next
+        ``SEQUENTIAL_AHEAD_BYTES`` of the file that are neither cached nor in flight are then
+        fetched in the background (one request), so a streaming reader rarely waits for one.
 
         Raises:
             IntegrityError, SourceError: the bytes could not be fetched or did not verify.
@@ -169,6 +176,8 @@ class ChunkFetcher:
         end = min(offset + length, size)
         if offset >= end:
             return b""
+        if sequential and end < size and not self._ahead_running:
+            self._start_ahead(node, end, size)
         cids = self.index.chunks_in(node, offset, end - offset)
         parts: list[bytes | None] = []
         missing: list[int] = []
@@ -250,6 +259,25 @@ class ChunkFetcher:
             if self._inflight.get(cid) is flight:
                 del self._inflight[cid]
             flight.event.set()
+
+    def _start_ahead(self, node: NodeId, end: int, size: int) -> None:
+        wanted = self.index.chunks_in(node, end, min(SEQUENTIAL_AHEAD_BYTES, size - end))
+        todo = [cid for cid in wanted if cid not in self._inflight and cid not in self._failures
+                and not self.is_cached(cid)]
+        if todo:
+            self._ahead_running = True
+            trio.lowlevel.spawn_system_task(self._fetch_ahead, todo)
+
+    async def _fetch_ahead(self, cids: list[int]) -> None:
+        # a system task: nothing may escape it (an exception would end the whole trio run)
+        try:
+            await self.ensure(cids)
+        except LayerError:
+            pass  # the read that needs these chunks fetches them again and reports the error
+        except Exception:
+            log.exception("layer %s: unexpected error in sequential read-ahead", self.layer_digest)
+        finally:
+            self._ahead_running = False
 
     def _slice(self, cid: int, offset: int, end: int) -> tuple[int, int]:
         start = self.index.chunk_file_offset(cid)

@@ -26,6 +26,7 @@ from fusefs.errors import LayerError
 from fusefs.fetch import ChunkFetcher
 from fusefs.index import ROOT, NodeId
 from fusefs.layers import ROOT_INODE, LayerTable, MountedLayer
+from fusefs.readahead import set_session_readahead
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class _OpenFile:
     fetcher: ChunkFetcher
     node: NodeId
     inode: int
+    next_offset: int = 0  # where the previous read ended: a read starting there is sequential
 
 
 class LayerOperations(pyfuse3.Operations):
@@ -60,6 +62,7 @@ class LayerOperations(pyfuse3.Operations):
         self._op_failures: dict[str, int] = {}
         self._op_seconds: dict[str, float] = {}
         self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._readahead_set = False
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -257,6 +260,9 @@ class LayerOperations(pyfuse3.Operations):
             layer, node = self._resolve(inode)
             if not stat.S_ISREG(layer.index.attr(node).mode):
                 raise pyfuse3.FUSEError(errno.EINVAL)
+            if not self._readahead_set:  # after INIT, which resets the session's read-ahead
+                self._readahead_set = True
+                set_session_readahead(os.path.abspath(self._config.mountpoint))
             fh = self._next_fh
             self._next_fh += 1
             self._files[fh] = _OpenFile(layer.fetcher, node, inode)
@@ -267,7 +273,9 @@ class LayerOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         with self._errors("read", handle.inode):
-            return await handle.fetcher.read(handle.node, off, size)
+            sequential = off > 0 and off == handle.next_offset
+            handle.next_offset = off + size
+            return await handle.fetcher.read(handle.node, off, size, sequential=sequential)
 
     async def release(self, fh: int) -> None:
         self._files.pop(fh, None)
