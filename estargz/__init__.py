@@ -76,6 +76,7 @@ from ._toc import TOC as TOC
 from ._toc import Chunk as Chunk
 from ._toc import Entry as Entry
 from ._toc import EntryType as EntryType
+from ._toc import TOCStatistics as TOCStatistics
 from ._writer import ConvertResult as ConvertResult
 from ._writer import convert as convert
 from ._writer import convert_file as convert_file
@@ -111,6 +112,7 @@ __all__ = [
     "NeedsExternalTOC",
     "TOCDigestMismatch",
     "TOCError",
+    "TOCStatistics",
     "UnsupportedFormat",
     "convert",
     "convert_file",

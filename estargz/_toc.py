@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._chunks import Codec
     from ._footer import Footer
 
-__all__ = ["ROOT", "TOC", "Chunk", "Entry", "EntryType"]
+__all__ = ["ROOT", "TOC", "Chunk", "Entry", "EntryType", "TOCStatistics"]
 
 ROOT = 0
 
@@ -353,38 +353,49 @@ class TOC:
             yield from kids
             stack.extend(reversed([k for k in kids if self._type[k] == EntryType.DIR]))
 
-    def statistics(self) -> dict[str, int]:
-        """Sizes of the index's buffers in bytes (for benchmarks and metrics)."""
+    def statistics(self) -> TOCStatistics:
+        """Sizes of the index (for benchmarks and metrics)."""
         total = len(self._name_blob) + len(self._link_blob) + len(self._digest) + len(self._chunk_digest)
-        for name in (
-            "_type",
-            "_mode",
-            "_uid",
-            "_gid",
-            "_uname",
-            "_gname",
-            "_size",
-            "_mtime",
-            "_mtime_nsec",
-            "_dev",
-            "_parent",
-            "_link",
-            "_name_off",
-            "_link_off",
-            "_chunk_start",
-            "_chunk_file_off",
-            "_chunk_size",
-            "_chunk_off",
-            "_chunk_end",
-            "_chunk_inner",
-            "_chunk_flags",
-            "_child_start",
-            "_child_list",
-        ):
+        for name in _ARRAY_FIELDS:
             arr: array[int] = getattr(self, name)
             total += arr.itemsize * len(arr)
-        return {"entries": len(self), "chunks": len(self._chunk_off), "buffer_bytes": total}
+        return TOCStatistics(entries=len(self), chunks=len(self._chunk_off), buffer_bytes=total)
 
 
+@dataclass(frozen=True, slots=True)
+class TOCStatistics:
+    """Size of a :class:`TOC`: entries (root and implicit dirs included), chunks, and the bytes of
+    its arrays and blobs (the xattr dict and owner names are not counted)."""
+
+    entries: int
+    chunks: int
+    buffer_bytes: int
+
+
+_ARRAY_FIELDS = (
+    "_type",
+    "_mode",
+    "_uid",
+    "_gid",
+    "_uname",
+    "_gname",
+    "_size",
+    "_mtime",
+    "_mtime_nsec",
+    "_dev",
+    "_parent",
+    "_link",
+    "_name_off",
+    "_link_off",
+    "_chunk_start",
+    "_chunk_file_off",
+    "_chunk_size",
+    "_chunk_off",
+    "_chunk_end",
+    "_chunk_inner",
+    "_chunk_flags",
+    "_child_start",
+    "_child_list",
+)
 CHUNK_HOLE = 1
 _NO_DIGEST = bytes(32)
