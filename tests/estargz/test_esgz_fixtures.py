@@ -89,7 +89,7 @@ def test_chunked_file_layout() -> None:
     assert chunks[0].compressed_end == 4196284
     assert reader.toc.nlink(reader.toc.lookup("bin/hello.sh") or 0) == 2
     stats = reader.toc.statistics()
-    assert (stats.entries, stats.chunks) == (39, 18)  # 37 + root + hidden landmark; 17 payloads + 1 chunk
+    assert (stats.entries, stats.chunks) == (39, 18)  # 37 + root + landmark; 16 files + landmark + 2nd chunk
     assert stats.buffer_bytes < 300 * stats.entries
 
 
