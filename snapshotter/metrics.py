@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from fusefs.fetch import FetchStatistics
+from fusefs.fetch import ChunkFetcher, FetchStatistics
 from fusefs.index import LayerIndex
 from fusefs.manager import LayerManager
 from fusefs.spec import LayerSpec
@@ -179,13 +179,15 @@ class _FusefsCollector(Collector):
     def __init__(self, manager: LayerManager) -> None:
         self._manager = manager
         self._retired: dict[str, int] = dict.fromkeys(_FETCH_FIELDS, 0)
-        self._last: dict[str, FetchStatistics] = {}
+        # keyed by fetcher, not digest: a layer released and served again gets a new fetcher
+        # whose counters start at zero, possibly between two scrapes
+        self._last: dict[ChunkFetcher, FetchStatistics] = {}
         self._sizes: dict[str, int] = {}  # layer digest → uncompressed bytes (indexes never change)
 
-    def _fetch_totals(self, current: dict[str, FetchStatistics]) -> dict[str, int]:
+    def _fetch_totals(self, current: dict[ChunkFetcher, FetchStatistics]) -> dict[str, int]:
         # A layer that stopped being served takes its counters along: keep its last values.
-        for digest, stats in self._last.items():
-            if digest not in current:
+        for fetcher, stats in self._last.items():
+            if fetcher not in current:
                 for name in _FETCH_FIELDS:
                     self._retired[name] += getattr(stats, name)
         self._last = dict(current)
@@ -208,7 +210,7 @@ class _FusefsCollector(Collector):
                                  ("cache_evicted", c.evicted, "Chunks evicted or pruned from the cache")):
             yield _counter(name, doc, value)
 
-        totals = self._fetch_totals(stats.fetch)
+        totals = self._fetch_totals({s.fetcher: s.fetcher.statistics() for s in m.served_layers()})
         yield _counter("fetched_bytes", "Compressed blob bytes requested from registries",
                        totals["bytes_fetched"])
         yield _counter("served_bytes", "File bytes returned to FUSE reads", totals["bytes_served"])
