@@ -14,7 +14,7 @@ from fusefs.errors import FormatError, IntegrityError, UnsupportedFormat
 from fusefs.index import Chunk, Codec
 
 
-def decode(chunk: Chunk, compressed: bytes) -> bytes:
+def decode(chunk: Chunk, compressed: bytes | memoryview) -> bytes:
     """Decode ``compressed`` (the chunk's blob range) and return its verified bytes.
 
     Raises:
@@ -29,7 +29,7 @@ def decode(chunk: Chunk, compressed: bytes) -> bytes:
         elif chunk.codec == Codec.ZSTD:
             out = _unzstd_prefix(compressed, want)
         elif chunk.codec == Codec.RAW:
-            out = compressed[:want]
+            out = bytes(compressed[:want])
         else:
             raise UnsupportedFormat(f"codec {chunk.codec.name} is not supported yet")
     except (zlib.error, zstandard.ZstdError) as exc:
@@ -52,7 +52,7 @@ def verify(chunk: Chunk, data: bytes) -> None:
         )
 
 
-def _gunzip_prefix(data: bytes, want: int) -> bytes:
+def _gunzip_prefix(data: bytes | memoryview, want: int) -> bytes:
     # Concatenated members continue the stream (innerOffset layouts span several members).
     parts: list[bytes] = []
     have = 0
@@ -67,7 +67,7 @@ def _gunzip_prefix(data: bytes, want: int) -> bytes:
     return b"".join(parts)
 
 
-def _unzstd_prefix(data: bytes, want: int) -> bytes:
+def _unzstd_prefix(data: bytes | memoryview, want: int) -> bytes:
     reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
     parts: list[bytes] = []
     have = 0

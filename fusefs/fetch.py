@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import trio
 
@@ -31,6 +32,7 @@ from fusefs.sources.replay import RecordingSource
 
 log = logging.getLogger(__name__)
 
+Buffer: TypeAlias = bytes | memoryview  # fetched bytes, or a view of a coalesced run
 SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
 
 
@@ -343,11 +345,14 @@ class ChunkFetcher:
                     first_error = first_error or exc
                     continue
                 for (start, _, members), blob in zip(batch, blobs, strict=True):
+                    # a run of several chunks: decode views of it, not copies (bounded memory)
+                    whole: Buffer = blob if len(members) == 1 else memoryview(blob)
                     for cid in members:
                         c = chunks[cid]
-                        error = await self._complete(cid, c, blob[c.blob_offset - start:c.blob_end - start],
+                        error = await self._complete(cid, c, whole[c.blob_offset - start:c.blob_end - start],
                                                      flights[cid])
                         first_error = first_error or error
+                    del whole
             if first_error is not None:
                 raise first_error
             return {cid: f.data for cid, f in flights.items() if f.data is not None}
@@ -357,7 +362,7 @@ class ChunkFetcher:
                     del self._inflight[cid]
                 flight.event.set()
 
-    async def _complete(self, cid: int, c: Chunk, compressed: bytes, flight: _Flight) -> LayerError | None:
+    async def _complete(self, cid: int, c: Chunk, compressed: Buffer, flight: _Flight) -> LayerError | None:
         """Decode, verify and cache one fetched chunk into its flight; return its error if any."""
         try:
             data, kept = await self._decode_and_store(c, compressed, self.index.chunk_key(cid))
@@ -417,11 +422,11 @@ class ChunkFetcher:
         while self._recent_bytes > self._config.memory_bytes and self._recent:
             self._recent_bytes -= len(self._recent.popitem(last=False)[1])
 
-    async def _decode_and_store(self, chunk: Chunk, compressed: bytes, key: str) -> tuple[bytes, bool]:
+    async def _decode_and_store(self, chunk: Chunk, compressed: Buffer, key: str) -> tuple[bytes, bool]:
         if len(compressed) >= self._config.thread_threshold:
             return await trio.to_thread.run_sync(self._decode_and_store_sync, chunk, compressed, key)
         return self._decode_and_store_sync(chunk, compressed, key)
 
-    def _decode_and_store_sync(self, chunk: Chunk, compressed: bytes, key: str) -> tuple[bytes, bool]:
+    def _decode_and_store_sync(self, chunk: Chunk, compressed: Buffer, key: str) -> tuple[bytes, bool]:
         data = codecs.decode(chunk, compressed)
         return data, self._cache.put(self.layer_digest, key, data)
