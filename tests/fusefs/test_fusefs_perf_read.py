@@ -129,3 +129,49 @@ def test_the_session_reads_ahead_in_large_requests(work: Path) -> None:
         assert rows
         assert int(bdi.read_text()) == READ_AHEAD_KIB
     assert server.returncode == 0, server.log_text()
+
+
+# chunk buffers made on worker threads, freed on the main one, small long-lived blocks between
+_CHURN = """
+import sys, threading, queue
+from fusefs.allocator import bound_large_allocations
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+if sys.argv[1] == "bound":
+    assert bound_large_allocations()
+q = queue.Queue()
+pinned = []
+def produce():
+    for i in range(30):
+        q.put(bytes(4 << 20) + bytes([i]))
+        pinned.append(bytes(3000) + bytes([i]))
+        q.put(bytearray(6 << 20))
+base = rss()
+threads = [threading.Thread(target=produce) for _ in range(3)]
+for t in threads: t.start()
+held = []
+n = 0
+while n < 180:
+    held.append(q.get()); n += 1
+    if len(held) > 4: held.pop(0)
+for t in threads: t.join()
+held.clear()
+print(rss() - base)
+"""
+
+
+def _rss_growth_kib(mode: str) -> int:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True, text=True,
+                         check=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    return int(out.stdout)
+
+
+def test_freed_chunk_buffers_go_back_to_the_kernel() -> None:
+    bound, unbound = _rss_growth_kib("bound"), _rss_growth_kib("none")
+    assert bound < 8 << 10, f"{bound} KiB still resident"
+    assert unbound > bound + (32 << 10)  # glibc's default keeps them: what the bound is for

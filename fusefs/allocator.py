@@ -1,0 +1,39 @@
+"""Keep the daemon's resident memory near its live data while chunks stream through it.
+
+Chunks are fetched, decoded and hashed in buffers of up to a few MiB, on the trio thread and in
+worker threads. glibc serves such buffers with mmap at first, but raises its mmap threshold to
+the size of each one freed, so later buffers come from the (per-thread) heaps and stay resident
+after they are freed: reading one 128 MiB file lazily left lazysnapd about 15 MiB above what a
+fixed threshold gives (docs/benchmarks.md, "read path"). :func:`bound_large_allocations` fixes
+the threshold, as ``MALLOC_MMAP_THRESHOLD_`` would, so every large buffer goes back to the
+kernel when freed. Process-wide: the daemon's composition root calls it once at start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+MMAP_THRESHOLD = 256 << 10
+
+
+def bound_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve allocations of ``threshold`` bytes or more with mmap, always; False if not glibc.
+
+    Also turns off glibc's dynamic threshold. Call from any thread, ideally before the first
+    large allocation. Never raises.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        log.info("no glibc mallopt here: the allocator keeps its defaults")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
