@@ -70,6 +70,7 @@ Keys keep stargz-snapshotter's names where the meaning is the same; they live in
 | `[directory_cache]` (in-memory entries, fds) | `[cache]` (a bound in bytes: `max_bytes`, `memory_bytes`) |
 | `[[resolver.host."h".mirrors]]` | containerd `hosts.toml` files under `registry.hosts_dir` |
 | `... mirrors] insecure = true` | `registry.insecure_hosts = ["h"]` |
+| `metrics_address` | `metrics.address` |
 | `[cri_keychain]`, `[kubeconfig_keychain]` | not supported; credentials come from `registry.docker_config` |
 | `prefetch_timeout_sec` | not needed: a mount never waits for its prefetch, which runs in the background |
 | `max_concurrency`, `prefetch_size`, `disable_verification` | no equivalent |
