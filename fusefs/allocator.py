@@ -3,10 +3,11 @@
 Chunks are fetched, decoded and hashed in buffers of up to a few MiB, on the trio thread and in
 worker threads. glibc serves such buffers with mmap at first, but raises its mmap threshold to
 the size of each one freed, so later buffers come from the (per-thread) heaps and stay resident
-after they are freed: reading one 128 MiB file lazily left lazysnapd about 15 MiB above what a
-fixed threshold gives (docs/benchmarks.md, "read path"). :func:`bound_large_allocations` fixes
-the threshold, as ``MALLOC_MMAP_THRESHOLD_`` would, so every large buffer goes back to the
-kernel when freed. Process-wide: the daemon's composition root calls it once at start.
+after they are freed: reading one 128 MiB file lazily peaked lazysnapd at ~110 MiB RSS, ~92 MiB
+with the threshold fixed at 2 MiB (docs/benchmarks.md, "read path"). :func:`bound_large_allocations`
+fixes the threshold, as ``MALLOC_MMAP_THRESHOLD_`` would, so chunk-sized buffers go back to the
+kernel when freed. Not lower: at 256 KiB every 1 MiB FUSE read became an mmap + page faults and
+warm reads ran ~40% slower. Process-wide: the daemon's composition root calls it once at start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-MMAP_THRESHOLD = 256 << 10
+MMAP_THRESHOLD = 2 << 20  # above a FUSE read (1 MiB): those stay on the fast heap path
 
 
 def bound_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
