@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# The real-parts fixtures (registry, containerd, lazysnapd, test images) for every e2e directory.
+pytest_plugins = ("tests.harness.fixtures",)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 

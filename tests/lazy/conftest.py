@@ -4,27 +4,13 @@ what containerd's own overlayfs snapshotter shows of it (the reference every laz
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-# `python3 -m pytest` puts the repo root on sys.path; plain `pytest` does not.
-_REPO = str(Path(__file__).resolve().parents[2])
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from tests.harness import Containerd, Registry, convert_estargz, remove_tree, short_tempdir  # noqa: E402
-from tests.harness.fixtures import (  # noqa: E402
-    make_containerd,
-    make_lazysnapd,
-    pytest_runtest_makereport,
-    ranged_registry,
-    registry,
-)
-from tests.harness.lazyimage import (  # noqa: E402
+from tests.harness import Containerd, Registry, convert_estargz, remove_tree, short_tempdir
+from tests.harness.lazyimage import (
     LISTING_SCRIPT,
     PushedImage,
     Reference,
@@ -34,8 +20,7 @@ from tests.harness.lazyimage import (  # noqa: E402
     push_gzip_image,
 )
 
-__all__ = ["lazy_images", "make_containerd", "make_lazysnapd", "pytest_runtest_makereport",
-           "ranged_registry", "reference", "registry"]
+__all__ = ["lazy_images", "reference"]
 
 IMAGE_NAME = "lazysnap/lazy"
 

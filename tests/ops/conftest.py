@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,32 +13,9 @@ from typing import Any
 
 import pytest
 
-_REPO = str(Path(__file__).resolve().parents[2])
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+from tests.harness import BuiltImage, Containerd, EstargzImage, Lazysnapd, Registry
 
-from tests.harness import BuiltImage, Containerd, EstargzImage, Lazysnapd, Registry  # noqa: E402
-from tests.harness.fixtures import (  # noqa: E402
-    estargz_image,
-    make_containerd,
-    make_lazysnapd,
-    pytest_runtest_makereport,
-    ranged_registry,
-    registry,
-    test_image,
-)
-
-__all__ = [
-    "Served",
-    "estargz_image",
-    "make_containerd",
-    "make_lazysnapd",
-    "pytest_runtest_makereport",
-    "ranged_registry",
-    "registry",
-    "served",
-    "test_image",
-]
+__all__ = ["Served", "served"]
 
 # Reads happen only when a test makes them: no prefetch, no background fetch.
 QUIET_CONFIG = """\
