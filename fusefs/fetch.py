@@ -264,9 +264,16 @@ class ChunkFetcher:
 
     def _start_ahead(self, node: NodeId, end: int, size: int) -> None:
         wanted = self.index.chunks_in(node, end, min(SEQUENTIAL_AHEAD_BYTES, size - end))
-        todo = [cid for cid in wanted if cid not in self._inflight and cid not in self._failures
-                and not self.is_cached(cid)]
+        # walk back from the far end of the window and stop at the first chunk cached or in
+        # flight: a streaming reader then costs one check per read once it is ahead
+        todo: list[int] = []
+        for cid in reversed(wanted):
+            if cid in self._inflight or self.is_cached(cid):
+                break
+            if cid not in self._failures:
+                todo.append(cid)
         if todo:
+            todo.reverse()
             self._ahead_running = True
             trio.lowlevel.spawn_system_task(self._fetch_ahead, todo)
 
