@@ -595,14 +595,20 @@ class RegistrySource:
             raise SourceError(f"{where} says blob {self._digest} has {total} bytes, expected {self._size}")
 
     async def _read_exact(self, resp: httpx.Response, n: int, where: str) -> bytes:
-        buf = bytearray()
+        # one buffer of the announced size (bounded by the caller's range), filled in place:
+        # growing a bytearray piece by piece copied multi-MiB bodies over and over
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
         async for chunk in resp.aiter_raw():
-            if len(buf) + len(chunk) > n:
+            if got + len(chunk) > n:
                 raise SourceError(f"{where} sent more than the {n} bytes announced for {self._digest}")
-            buf += chunk
-        self._bytes += len(buf)
-        if len(buf) != n:
-            raise SourceError(f"{where} sent {len(buf)} of {n} bytes for {self._digest} (short body)")
+            view[got:got + len(chunk)] = chunk
+            got += len(chunk)
+        self._bytes += got
+        if got != n:
+            raise SourceError(f"{where} sent {got} of {n} bytes for {self._digest} (short body)")
+        view.release()
         return bytes(buf)
 
     async def _read_upto(self, resp: httpx.Response, limit: int, where: str) -> bytes:
