@@ -47,10 +47,11 @@ async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int 
     landmark_end = fetcher.index.prefetch_end
     boundary = landmark_end if landmark_end is not None else prefetch_size
     try:
-        if config.prefetch or config.background:
-            adopted = await fetcher.adopt_index_reads(fetch_head=config.background)
-            if adopted:
-                log.info("layer %s: %d chunks taken from the index reads", fetcher.layer_digest, adopted)
+        # free (no request) even with prefetch and background fetch off, except the straddling
+        # chunk's head, which only background fetch asks for
+        adopted = await fetcher.adopt_index_reads(fetch_head=config.background)
+        if adopted:
+            log.info("layer %s: %d chunks taken from the index reads", fetcher.layer_digest, adopted)
         if config.prefetch and boundary:
             cids = _uncached_in_blob_order(fetcher, boundary)
             if cids:

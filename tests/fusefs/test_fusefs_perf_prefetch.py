@@ -140,3 +140,13 @@ def test_index_reads_are_adopted_only_when_they_verify(tmp_path: Path) -> None:
     node = next(n for p, n in layer.index.walk() if p == "tail/last.bin")
     assert trio.run(layer.fetcher.read, node, 0, 150_000) == FILES["tail/last.bin"]
     assert layer.fetched() == end - start
+
+
+def test_index_reads_are_adopted_with_prefetch_and_background_off(tmp_path: Path) -> None:
+    layer = _Layer(tmp_path)
+    trio.run(prefetch.run, layer.fetcher, PrefetchConfig(prefetch=False, background=False), LABEL_SIZE)
+    assert layer.fetched() == 0
+    node = next(n for p, n in layer.index.walk() if p == "tail/last.bin")
+    assert all(layer.fetcher.is_cached(cid) for cid in layer.index.chunk_ids(node))
+    assert trio.run(layer.fetcher.read, node, 0, 150_000) == FILES["tail/last.bin"]
+    assert layer.fetched() == 0
