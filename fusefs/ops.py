@@ -63,6 +63,9 @@ class LayerOperations(pyfuse3.Operations):
         self._op_seconds: dict[str, float] = {}
         self._logged: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._readahead_set = False
+        # resolved now, before the session is mounted there: inside a handler, resolving a path
+        # through our own mount would wait on ourselves
+        self._session_path = os.path.realpath(config.mountpoint)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class LayerOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EINVAL)
             if not self._readahead_set:  # after INIT, which resets the session's read-ahead
                 self._readahead_set = True
-                set_session_readahead(os.path.abspath(self._config.mountpoint))
+                set_session_readahead(self._session_path)
             fh = self._next_fh
             self._next_fh += 1
             self._files[fh] = _OpenFile(layer.fetcher, node, inode)
