@@ -37,12 +37,18 @@ SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential rea
 
 
 class PriorityGate:
-    """Lets background fetches run only while no on-demand fetch is in flight (all layers)."""
+    """Lets background fetches run only while no on-demand fetch is in flight (all layers).
+
+    Background steps also take turns (``background_turn``): one at a time process-wide, so
+    prefetching several layers at once holds one step's buffers, not one per layer; a single
+    stream of multi-MiB requests already fills the link.
+    """
 
     def __init__(self) -> None:
         self._active = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.background_turn = trio.Lock()
 
     @contextmanager
     def on_demand(self) -> Iterator[None]:
@@ -296,8 +302,15 @@ class ChunkFetcher:
     async def ensure(self, cids: Sequence[int], *, background: bool = False) -> dict[int, bytes]:
         """Fetch (or join the fetch of) each chunk not cached; return the bytes of each.
 
+        ``background``: yield to on-demand fetches, and wait for the gate's background turn.
         Cancellation: waiters whose leader was cancelled fetch again themselves.
         """
+        if background:
+            async with self._gate.background_turn:
+                return await self._ensure(cids, True)
+        return await self._ensure(cids, False)
+
+    async def _ensure(self, cids: Sequence[int], background: bool) -> dict[int, bytes]:
         result: dict[int, bytes] = {}
         pending = list(dict.fromkeys(cids))
         while pending:

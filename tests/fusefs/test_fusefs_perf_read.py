@@ -175,3 +175,45 @@ def test_freed_chunk_buffers_go_back_to_the_kernel() -> None:
     bound, unbound = _rss_growth_kib("bound"), _rss_growth_kib("none")
     assert bound < 8 << 10, f"{bound} KiB still resident"
     assert unbound > bound + (32 << 10)  # glibc's default keeps them: what the bound is for
+
+
+class OverlapSource(FileSource):
+    """Counts how many reads are in flight at once, across every source sharing ``state``."""
+
+    def __init__(self, path: Path, digest: str, state: dict[str, int]) -> None:
+        super().__init__(path, digest)
+        self.state = state
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self.state["now"] += 1
+        self.state["max"] = max(self.state["max"], self.state["now"])
+        try:
+            await trio.sleep(0.01)
+            return await super().read_ranges(ranges)
+        finally:
+            self.state["now"] -= 1
+
+
+def test_background_steps_of_several_layers_take_turns(tmp_path: Path) -> None:
+    from fusefs import prefetch
+    from fusefs.config import PrefetchConfig
+
+    gate = PriorityGate()
+    state = {"now": 0, "max": 0}
+    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    fetchers = []
+    for i in range(3):  # three mounts of the layer, each with its own cache: three layers' work
+        cache = ChunkCache(CacheConfig(tmp_path / f"cache{i}", fsync=False))
+        fetchers.append(ChunkFetcher(CASE.digest, index, OverlapSource(CASE.blob, CASE.digest, state),
+                                     cache, FetchConfig(), gate))
+    config = PrefetchConfig(prefetch=False, background=True, background_step_bytes=1 << 20)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for f in fetchers:
+                nursery.start_soon(prefetch.run, f, config, None)
+
+    trio.run(main)
+    for f in fetchers:
+        assert all(f.is_cached(cid) for cid in range(index.chunk_count))
+    assert state["max"] == 1
