@@ -86,7 +86,10 @@ def _span(rows: list[dict[str, Any]], key: str, unit: str, digits: int = 2) -> s
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a is not None and b else "n/a"
+    if a is None or not b:
+        return "n/a"
+    r = a / b
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.4f}"
 
 
 def _lazy_note(records: list[dict[str, Any]], kind: str, variant: str, **match: str) -> str:
