@@ -53,7 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
                    help="markdown file whose cold start / read throughput sections are rewritten")
     p.add_argument("--no-docs", action="store_true", help="do not touch the markdown file")
-    p.add_argument("--lazysnap-config", type=Path, help="passed to lazysnapd as --config")
+    p.add_argument("--lazysnap-config", type=Path,
+                   help="passed to lazysnapd as --config instead of the generated one")
+    p.add_argument("--lazysnap-toml", type=Path,
+                   help="TOML appended to the generated lazysnapd config (no [registry] table)")
     p.add_argument("--strict", action="store_true", help="fail when a snapshotter is not available")
     p.add_argument("--report", metavar="RUN_ID",
                    help="measure nothing: rewrite the docs sections from a finished run's results")
@@ -161,10 +164,11 @@ def _bench(args: argparse.Namespace) -> int:
                     f"takes {probe:.1f} ms)")
 
         state = run_dir / "state"
+        extra_toml = args.lazysnap_toml.read_text() if args.lazysnap_toml else ""
         makers: dict[str, Callable[[], Snapshotter]] = {"overlayfs": overlayfs,
                   "stargz-go": lambda: stargz_go(state, sock_dir, logs, [registry.host]),
                   "lazysnap": lambda: lazysnap(state, sock_dir, logs, args.lazysnap_config,
-                                               [registry.host])}
+                                               [registry.host], extra_toml)}
         snapshotters: dict[str, Snapshotter] = {}
         for name in args.snapshotters:
             sn = makers[name]()

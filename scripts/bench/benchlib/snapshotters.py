@@ -113,24 +113,27 @@ def stargz_go(state: Path, sock_dir: Path, log_dir: Path, plain_http: list[str])
     return s
 
 
-def write_lazysnap_config(path: Path, plain_http: list[str]) -> Path:
-    """A lazysnapd config reaching the bench registries over HTTP, with no host's certs.d applied."""
+def write_lazysnap_config(path: Path, plain_http: list[str], extra: str = "") -> Path:
+    """A lazysnapd config reaching the bench registries over HTTP, with no host's certs.d applied.
+
+    `extra` (TOML without a [registry] table) is appended, e.g. "[prefetch]\\nno_background_fetch = true".
+    """
     hosts_dir = path.parent / "certs.d"
     hosts_dir.mkdir(parents=True, exist_ok=True)
     hosts = ", ".join(f'"{h}"' for h in plain_http)
-    path.write_text(f'[registry]\ninsecure_hosts = [{hosts}]\nhosts_dir = "{hosts_dir}"\n')
+    path.write_text(f'[registry]\ninsecure_hosts = [{hosts}]\nhosts_dir = "{hosts_dir}"\n\n{extra}\n')
     return path
 
 
 def lazysnap(state: Path, sock_dir: Path, log_dir: Path, config: Path | None,
-             plain_http: list[str]) -> Snapshotter:
+             plain_http: list[str], extra_toml: str = "") -> Snapshotter:
     """lazysnapd; marked unavailable (with the reason) when it is not installed or does not start.
 
     Without an explicit `config`, one is written that marks `plain_http` registries insecure.
     """
     root, sock = state / "lazysnap", sock_dir / "lazysnap.sock"
     if config is None:
-        config = write_lazysnap_config(state / "lazysnap-config" / "lazysnap.toml", plain_http)
+        config = write_lazysnap_config(state / "lazysnap-config" / "lazysnap.toml", plain_http, extra_toml)
     argv = ["lazysnapd", "--root", str(root), "--address", str(sock), "--config", str(config)]
     s = Snapshotter("lazysnap", ("esgz", "opt", "org"), root, sock, tuple(argv),
                     log_dir / "lazysnap.log")
