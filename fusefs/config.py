@@ -52,7 +52,8 @@ class PrefetchConfig:
     """Work done at mount time and in the background.
 
     Attributes:
-        prefetch: fetch the landmark prefix (or ``spec.prefetch_size`` bytes) at mount (default on).
+        prefetch: fetch the landmark prefix at mount (default on); ``spec.prefetch_size`` bytes only
+            for a layer with no landmark, nothing for one marked ``.no.prefetch.landmark``.
         background: fetch the rest of each layer in the background, yielding to on-demand
             reads (default on).
         background_rate: bytes per second the background fetch may use, 0 = unlimited

@@ -338,7 +338,8 @@ class IndexBuilder:
 
         ``toc_digest`` is the digest of the index bytes the reader parsed; ``also_accept`` other
         digests of those same bytes that a label may carry (e.g. zstd:chunked's checksum of the
-        compressed TOC). ``prefetch_end`` is the blob offset ending the prioritized prefix.
+        compressed TOC). ``prefetch_end`` is the blob offset ending the prioritized prefix:
+        0 for a layer marked ``.no.prefetch.landmark``, None for a layer with no landmark at all.
         """
         index = _pack(self._root, self._blob_size, prefetch_end)
         return UnverifiedIndex(index, toc_digest, also_accept)

@@ -36,6 +36,7 @@ import grpc
 import trio
 
 from fusefs import config as fusefs_config_mod
+from fusefs.allocator import bound_large_allocations
 from fusefs.manager import LayerManager, open_layer_manager
 from fusefs.sources.config import RegistryConfig as SourceRegistryConfig
 from fusefs.sources.registry import RegistrySourceFactory
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lazysnapd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.log_level)
+    bound_large_allocations()
     listener = systemd.pick_listener(systemd.listen_fds_with_names(), cfg.address)
     try:
         trio.run(_main_async, cfg, default_layerfs_factory(cfg), listener,
