@@ -59,12 +59,17 @@ class PrefetchConfig:
         background_rate: bytes per second the background fetch may use, 0 = unlimited
             (default 0).
         background_step_bytes: compressed bytes per background request (default 4 MiB).
+        background_silence: seconds without on-demand fetching (and since the last mount)
+            before background fetch may send a request (default 5, as stargz-snapshotter's
+            silence period): on a slow link a background request in flight delays the
+            container's next read.
     """
 
     prefetch: bool = True
     background: bool = True
     background_rate: int = 0
     background_step_bytes: int = 4 << 20
+    background_silence: float = 5.0
 
 
 @dataclass(frozen=True)

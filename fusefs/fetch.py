@@ -13,6 +13,7 @@ Invariants (all state lives on the trio thread; worker threads only decode, hash
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -37,18 +38,27 @@ SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential rea
 
 
 class PriorityGate:
-    """Lets background fetches run only while no on-demand fetch is in flight (all layers).
+    """Lets background fetches run only while on-demand fetching is quiet (all layers).
 
-    Background steps also take turns (``background_turn``): one at a time process-wide, so
-    prefetching several layers at once holds one step's buffers, not one per layer; a single
-    stream of multi-MiB requests already fills the link.
+    Quiet means no on-demand fetch in flight *and* none for ``silence`` seconds (and none since
+    a layer was last mounted, see :meth:`touch`): a starting container reads in bursts with
+    gaps between them, and a background request that slips into a gap sits in front of the
+    next on-demand read on a slow link. Background steps also take turns (``background_turn``):
+    one at a time process-wide, so prefetching several layers at once holds one step's buffers,
+    not one per layer; a single stream of multi-MiB requests already fills the link.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, silence: float = 0.0) -> None:
+        self._silence = silence
         self._active = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._last_busy = -math.inf
         self.background_turn = trio.Lock()
+
+    def touch(self) -> None:
+        """Count now as on-demand activity (a layer was just mounted: its reads are coming)."""
+        self._last_busy = trio.current_time()
 
     @contextmanager
     def on_demand(self) -> Iterator[None]:
@@ -60,13 +70,19 @@ class PriorityGate:
             yield
         finally:
             self._active -= 1
+            self._last_busy = trio.current_time()
             if self._active == 0:
                 self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Return once no on-demand fetch is in flight (checkpoints)."""
-        while self._active:
-            await self._idle.wait()
+        """Return once on-demand fetching has been quiet for the silence period (checkpoints)."""
+        while True:
+            while self._active:
+                await self._idle.wait()
+            remaining = self._last_busy + self._silence - trio.current_time()
+            if remaining <= 0:
+                break
+            await trio.sleep(remaining)
         await trio.lowlevel.checkpoint()
 
 

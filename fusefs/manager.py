@@ -118,7 +118,7 @@ class LayerManager:
         self._factory = source_factory
         self.cache = cache
         self._table = LayerTable()
-        self._gate = PriorityGate()
+        self._gate = PriorityGate(config.prefetch.background_silence)
         self._ops = LayerOperations(self._table, config.fuse)
         self._mounts: dict[str, MountedLayer] = {}
         self._prefetch_scopes: dict[str, trio.CancelScope] = {}
@@ -395,6 +395,7 @@ class LayerManager:
     async def _prefetch(self, fetcher: ChunkFetcher, prefetch_size: int | None,
                         scope: trio.CancelScope) -> None:
         with scope:
+            self._gate.touch()
             await run_prefetch(fetcher, self._config.prefetch, prefetch_size)
             self._background_done.add(fetcher.layer_digest)
 

@@ -112,6 +112,9 @@ class PrefetchConfig:
                                    "bytes/second", min=0, max=1 << 40)
     background_step_bytes: int = setting(4 << 20, "compressed bytes per background request", "bytes",
                                          min=4096, max=1 << 30)
+    background_silence: float = setting(
+        5.0, "quiet time after the last on-demand fetch (or mount) before background fetch sends",
+        "seconds", min=0.0, max=3600.0)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ def fusefs_config(cfg: Config, userxattr: bool) -> fusefs_config_mod.FusefsConfi
             memory_bytes=cache.memory_bytes),
         prefetch=fusefs_config_mod.PrefetchConfig(
             prefetch=not prefetch.noprefetch, background=not prefetch.no_background_fetch,
-            background_rate=prefetch.background_rate, background_step_bytes=prefetch.background_step_bytes),
+            background_rate=prefetch.background_rate, background_step_bytes=prefetch.background_step_bytes,
+            background_silence=prefetch.background_silence),
         allow_unverified_toc=fetch.allow_no_verification,
         check_interval=fetch.valid_interval,
     )

@@ -239,3 +239,34 @@ def test_chunks_the_cache_cannot_keep_are_not_refetched_per_small_read(tmp_path:
     assert "sha256:" + hashlib.sha256(data).hexdigest() == _expected(BIG)
     assert cache.statistics().bytes_cached <= 1000 and cache.statistics().not_kept >= 5
     assert len(source.calls) == len(index.chunk_ids(node))  # one fetch per chunk, not per read
+
+
+def test_background_waits_out_the_silence_after_on_demand_reads() -> None:
+    """A background step may start only `silence` seconds after the last on-demand fetch ended."""
+    gate = PriorityGate(silence=5.0)
+    released: list[float] = []
+
+    async def background() -> None:
+        await gate.wait_idle()
+        released.append(trio.current_time())
+
+    async def main() -> None:
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            with gate.on_demand():
+                nursery.start_soon(background)
+                await trio.sleep(1.0)
+            # quiet for 3 s, then another burst: the silence starts again from its end
+            await trio.sleep(3.0)
+            assert released == []
+            with gate.on_demand():
+                await trio.sleep(0.5)
+        assert released == [pytest.approx(start + 1.0 + 3.0 + 0.5 + 5.0)]
+
+        released.clear()
+        gate.touch()  # a layer was mounted: its reads are coming
+        mounted = trio.current_time()
+        await background()
+        assert released == [pytest.approx(mounted + 5.0)]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
