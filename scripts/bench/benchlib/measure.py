@@ -15,6 +15,7 @@ from typing import Any
 from .containerd import NAMESPACE, Containerd
 from .images import IMAGES, expected_read_digest, ref
 from .network import ShapedNetwork
+from .paths import REPO
 from .procs import BenchError, run
 from .registry import Registry
 from .snapshotters import Snapshotter
@@ -70,7 +71,10 @@ class BenchEnv:
         return self.network.rx_bytes() if self.network is not None else 0
 
     def base_record(self, sn: Snapshotter, image: str, variant: str, rep: int) -> dict[str, Any]:
+        # lazysnapd is restarted from the working tree for every run: record which code that was
+        head = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
         return {"ts": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": self.run_id,
+                "repo_head": head,
                 "snapshotter": sn.name, "image": image, "variant": variant, "rep": rep,
                 "ref": ref(self.registry.host, image, variant)}
 
