@@ -58,7 +58,9 @@ class PriorityGate:
 
     def touch(self) -> None:
         """Count now as on-demand activity (a layer was just mounted: its reads are coming)."""
-        self._last_busy = trio.current_time()
+        # time.monotonic, not trio's clock: a gate may outlive one trio.run (tests), and each
+        # run's clock has its own offset
+        self._last_busy = time.monotonic()
 
     @contextmanager
     def on_demand(self) -> Iterator[None]:
@@ -70,7 +72,7 @@ class PriorityGate:
             yield
         finally:
             self._active -= 1
-            self._last_busy = trio.current_time()
+            self._last_busy = time.monotonic()
             if self._active == 0:
                 self._idle.set()
 
@@ -79,7 +81,7 @@ class PriorityGate:
         while True:
             while self._active:
                 await self._idle.wait()
-            remaining = self._last_busy + self._silence - trio.current_time()
+            remaining = self._last_busy + self._silence - time.monotonic()
             if remaining <= 0:
                 break
             await trio.sleep(remaining)
@@ -264,6 +266,10 @@ class ChunkFetcher:
         return adopted
 
     async def _adopt_one(self, cid: int, start: int, head_end: int, tail: bytes) -> bool:
+        if head_end > start:
+            await self._gate.wait_idle()  # before claiming: the head is a background request
+            if cid in self._inflight or self.is_cached(cid):
+                return False
         flight = _Flight(trio.Event())
         self._inflight[cid] = flight
         try:
@@ -323,6 +329,9 @@ class ChunkFetcher:
         """
         if background:
             async with self._gate.background_turn:
+                # wait before claiming the chunks: a reader must never wait on a background
+                # fetch that is itself waiting out the gate's silence
+                await self._gate.wait_idle()
                 return await self._ensure(cids, True)
         return await self._ensure(cids, False)
 
@@ -438,9 +447,8 @@ class ChunkFetcher:
 
     async def _read_ranges(self, ranges: list[tuple[int, int]], background: bool) -> list[bytes]:
         self._bytes += sum(length for _, length in ranges)
-        if background:
+        if background:  # the caller waited at the gate before claiming its chunks
             self._background += 1
-            await self._gate.wait_idle()
             return await self.source.read_ranges(ranges)
         self._on_demand += 1
         with self._gate.on_demand():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,12 +49,12 @@ class GatedSource(FileSource):
 Setup = tuple[LayerIndex, GatedSource, ChunkFetcher]
 
 
-def _setup(tmp_path: Path, blob: Path | None = None, **fetch: float) -> Setup:
+def _setup(tmp_path: Path, blob: Path | None = None, silence: float = 0.0, **fetch: float) -> Setup:
     source = GatedSource(blob or CASE.blob, CASE.digest)
     index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
     cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
     fetcher = ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(**fetch),  # type: ignore[arg-type]
-                           PriorityGate())
+                           PriorityGate(silence))
     return index, source, fetcher
 
 
@@ -243,30 +244,50 @@ def test_chunks_the_cache_cannot_keep_are_not_refetched_per_small_read(tmp_path:
 
 def test_background_waits_out_the_silence_after_on_demand_reads() -> None:
     """A background step may start only `silence` seconds after the last on-demand fetch ended."""
-    gate = PriorityGate(silence=5.0)
+    silence = 0.5
+    gate = PriorityGate(silence=silence)
+    ended: list[float] = []
     released: list[float] = []
 
     async def background() -> None:
         await gate.wait_idle()
-        released.append(trio.current_time())
+        released.append(time.monotonic())
 
     async def main() -> None:
-        start = trio.current_time()
         async with trio.open_nursery() as nursery:
             with gate.on_demand():
                 nursery.start_soon(background)
-                await trio.sleep(1.0)
-            # quiet for 3 s, then another burst: the silence starts again from its end
-            await trio.sleep(3.0)
-            assert released == []
-            with gate.on_demand():
-                await trio.sleep(0.5)
-        assert released == [pytest.approx(start + 1.0 + 3.0 + 0.5 + 5.0)]
+                await trio.sleep(0.2)
+            await trio.sleep(silence / 2)
+            assert released == []  # quiet, but not for long enough
+            with gate.on_demand():  # another burst: the silence starts again from its end
+                await trio.sleep(0.1)
+            ended.append(time.monotonic())
+        assert released[0] - ended[0] >= silence
 
-        released.clear()
         gate.touch()  # a layer was mounted: its reads are coming
-        mounted = trio.current_time()
+        mounted = time.monotonic()
         await background()
-        assert released == [pytest.approx(mounted + 5.0)]
+        assert released[1] - mounted >= silence
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(main)
+
+
+def test_a_reader_never_waits_on_a_background_fetch_sitting_out_the_silence(tmp_path: Path) -> None:
+    """Background waits at the gate before it claims chunks, so an on-demand read of the same
+    chunk fetches it at once instead of inheriting the background's wait (here 600 s)."""
+    index, source, fetcher = _setup(tmp_path, silence=600.0)
+    node = _node(index, "etc/hostname")
+    cid = index.chunk_ids(node)[0]
+
+    async def main() -> None:
+        fetcher._gate.touch()  # a layer was just mounted
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: fetcher.ensure([cid], background=True))
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(60):  # the inverted wait would be 600 s
+                assert await fetcher.read(node, 0, 5) == b"fixtu"
+            assert len(source.calls) == 1  # the read's own request; background has sent none
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
