@@ -38,6 +38,9 @@ class FetchConfig:
         memory_bytes: per layer, verified chunks the disk cache could not keep are held in
             memory up to this many bytes, so the kernel's small reads of one chunk don't each
             refetch it (default 32 MiB).
+        neighbour_bytes: a miss also takes the uncached chunks right after it in the blob, up
+            to this many compressed bytes from the start of the miss, in the same request
+            (default 128 KiB; 0 = only what was asked).
     """
 
     max_range_bytes: int = 16 << 20
@@ -45,6 +48,7 @@ class FetchConfig:
     thread_threshold: int = 64 << 10
     failure_ttl: float = 2.0
     memory_bytes: int = 32 << 20
+    neighbour_bytes: int = 128 << 10
 
 
 @dataclass(frozen=True)

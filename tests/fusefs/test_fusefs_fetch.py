@@ -291,3 +291,29 @@ def test_a_reader_never_waits_on_a_background_fetch_sitting_out_the_silence(tmp_
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def _small_files_in_blob_order(index: LayerIndex) -> list[NodeId]:
+    files = [node for _, node in index.walk()
+             if stat.S_ISREG(index.attr(node).mode) and len(index.chunk_ids(node)) == 1
+             and index.attr(node).size < 4096]
+    by_chunk = {index.chunk_ids(n)[0]: n for n in files}  # hardlinks share their chunk
+    return [by_chunk[c] for c in sorted(by_chunk, key=index.chunk_blob_range)]
+
+
+def test_a_miss_takes_the_following_small_files_in_the_same_request(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path)
+    first, second = _small_files_in_blob_order(index)[:2]
+    trio.run(fetcher.read, first, 0, 1)
+    assert len(source.calls) == 1
+    assert fetcher.is_cached(index.chunk_ids(second)[0])  # it came along
+    assert trio.run(fetcher.read, second, 0, 10**6) and len(source.calls) == 1
+
+
+def test_neighbour_window_zero_fetches_only_what_was_asked(tmp_path: Path) -> None:
+    index, source, fetcher = _setup(tmp_path, neighbour_bytes=0)
+    first, second = _small_files_in_blob_order(index)[:2]
+    trio.run(fetcher.read, first, 0, 1)
+    assert not fetcher.is_cached(index.chunk_ids(second)[0])
+    trio.run(fetcher.read, second, 0, 1)
+    assert len(source.calls) == 2
