@@ -9,19 +9,18 @@ TCP (``open_listener`` parses ``host:port``, ``unix:/path`` or ``/path``).
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
+
+from snapshotter.sockets import SocketInUse, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -155,26 +154,6 @@ def error_response(status: int, message: str) -> Response:
     return _error(status, message)
 
 
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenError(f"{path} exists and is not a socket; refusing to replace it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(path)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise ListenError(f"{path}: cannot tell whether it is in use: {exc}") from exc
-        else:
-            raise ListenError(f"{path} is already served by a live process")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 async def open_unix_listener(path: str, mode: int = 0o600) -> trio.SocketListener:
     """Listen on unix socket ``path`` (created with ``mode``; a stale socket file is replaced).
 
@@ -183,7 +162,10 @@ async def open_unix_listener(path: str, mode: int = 0o600) -> trio.SocketListene
     """
     if len(os.fsencode(path)) >= 108:
         raise ListenError(f"{path}: unix socket path too long")
-    _remove_stale_socket(path)
+    try:
+        remove_stale_socket(path)
+    except SocketInUse as exc:
+        raise ListenError(str(exc)) from exc
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o711, exist_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~mode)

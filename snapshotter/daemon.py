@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import fcntl
 import logging
 import os
 import signal
 import socket
-import stat
 import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +49,7 @@ from snapshotter.mounts import Layout, detect_overlay_options
 from snapshotter.remote import LayerFilesystem
 from snapshotter.service import SnapshotsService
 from snapshotter.snapshots import Snapshots
+from snapshotter.sockets import SocketInUse, remove_stale_socket
 from snapshotter.store import Store
 
 log = logging.getLogger(__name__)
@@ -145,23 +144,9 @@ def check_socket_free(address: str) -> None:
         StartupError: something answers on ``address``, or the path is not a socket.
     """
     try:
-        st = os.lstat(address)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{address} exists and is not a socket; refusing to replace it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(address)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise StartupError(f"{address}: cannot tell whether it is in use: {exc}") from exc
-        else:
-            raise StartupError(f"{address} is already served by a live process")
-    log.info("removing stale socket", extra={"address": address})
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)
+        remove_stale_socket(address)
+    except SocketInUse as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def lock_root(root: str) -> int:
