@@ -14,18 +14,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fusefs.mountinfo import unescape
+
 log = logging.getLogger(__name__)
 
 READ_AHEAD_KIB = 4096
 _MOUNTINFO = Path("/proc/self/mountinfo")
 _BDI = Path("/sys/class/bdi")
-
-
-def _unescape(field: str) -> str:
-    # mountinfo octal-escapes space, tab, newline and backslash in paths
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, char)
-    return field
 
 
 def session_device(mountpoint: str, mountinfo: Path = _MOUNTINFO) -> str | None:
@@ -38,7 +33,7 @@ def session_device(mountpoint: str, mountinfo: Path = _MOUNTINFO) -> str | None:
         for line in f:
             fields = line.split(" ")
             head, _, tail = line.partition(" - ")
-            if len(fields) > 4 and _unescape(fields[4]) == mountpoint and tail.startswith("fuse"):
+            if len(fields) > 4 and unescape(fields[4]) == mountpoint and tail.startswith("fuse"):
                 found = head.split(" ")[2]  # the last one mounted there is the one in use
     return found
 

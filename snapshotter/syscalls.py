@@ -9,6 +9,8 @@ import ctypes
 import ctypes.util
 import os
 
+from fusefs.mountinfo import unescape
+
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
@@ -42,19 +44,6 @@ def unmount(target: str, detach: bool = False) -> None:
         raise OSError(err, f"unmount {target}: {os.strerror(err)}")
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_points() -> list[str]:
     """Mount points of this mount namespace, in mount order."""
     points = []
@@ -62,7 +51,7 @@ def mount_points() -> list[str]:
         for line in f:
             parts = line.split(" ")
             if len(parts) > 4:
-                points.append(_unescape(parts[4]))
+                points.append(unescape(parts[4]))
     return points
 
 

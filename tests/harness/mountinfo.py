@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusefs.mountinfo import unescape
+
 __all__ = ["MountEntry", "mounts_with_types"]
 
 
@@ -19,11 +21,6 @@ class MountEntry:
     root: str  # the path inside the source filesystem that is mounted (a bind's subtree)
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
 def mounts_with_types(directory: Path) -> list[MountEntry]:
     """Mounts at or below ``directory``, in mount order."""
     base = os.path.realpath(directory)
@@ -32,8 +29,8 @@ def mounts_with_types(directory: Path) -> list[MountEntry]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            point = _unescape(fields[4])
+            point = unescape(fields[4])
             if point == base or point.startswith(base + "/"):
-                out.append(MountEntry(Path(point), fields[sep + 1], _unescape(fields[sep + 2]),
-                                      _unescape(fields[3])))
+                out.append(MountEntry(Path(point), fields[sep + 1], unescape(fields[sep + 2]),
+                                      unescape(fields[3])))
     return out

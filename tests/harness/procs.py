@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fusefs.mountinfo import unescape
+
 __all__ = [
     "Daemon",
     "HarnessError",
@@ -64,26 +66,13 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
         time.sleep(interval)
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts_below(directory: Path) -> list[Path]:
     """Mount points at or below `directory`, deepest (and most recent) first."""
     base = os.path.realpath(directory)
     found: list[Path] = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
-            mnt = _unescape_mountinfo(line.split()[4])
+            mnt = unescape(line.split()[4])
             if mnt == base or mnt.startswith(base + "/"):
                 found.append(Path(mnt))
     found.reverse()
