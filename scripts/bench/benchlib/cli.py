@@ -60,6 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail when a snapshotter is not available")
     p.add_argument("--report", metavar="RUN_ID",
                    help="measure nothing: rewrite the docs sections from a finished run's results")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="attach py-spy to lazysnapd in each run (raw collapsed stacks, idle included)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.quick:  # a smoke run: every snapshotter asked for must work
@@ -172,6 +174,7 @@ def _bench(args: argparse.Namespace) -> int:
         snapshotters: dict[str, Snapshotter] = {}
         for name in args.snapshotters:
             sn = makers[name]()
+            sn.profile_dir = args.profile
             stack.callback(sn.stop)
             if sn.unavailable is None and sn.root is not None:
                 try:

@@ -89,6 +89,7 @@ def cold_start(env: BenchEnv, sn: Snapshotter, image: str, variant: str, rep: in
     rec["kind"] = "coldstart"
     rec["cmd"] = list(IMAGES[image].workload)
     runlog = env.log_dir / f"coldstart-{sn.name}-{image}-{variant}-{rep}.log"
+    sn.profile_label = f"coldstart-{image}-{variant}-{rep}"
     try:
         env.make_cold(sn)
     except BenchError as exc:

@@ -56,6 +56,10 @@ class Snapshotter:
     daemon: Daemon | None = None
     #: why this snapshotter cannot be measured (None = it can)
     unavailable: str | None = None
+    #: `--profile`: attach py-spy to each daemon started, writing `<dir>/<name>-<label>.txt`
+    profile_dir: Path | None = None
+    profile_label: str = "run"
+    profiler: subprocess.Popen[bytes] | None = None
 
     @property
     def containerd_name(self) -> str:
@@ -73,6 +77,13 @@ class Snapshotter:
         if self.daemon is not None:
             self.daemon.stop(self.stop_signal, timeout=30)
             self.daemon = None
+        if self.profiler is not None:  # it writes its file once the daemon it samples is gone
+            try:
+                self.profiler.wait(60)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
+                self.profiler.wait(10)
+            self.profiler = None
         if self.root is not None and self.root.exists():
             umount_below(self.root)
 
@@ -90,6 +101,14 @@ class Snapshotter:
         self.daemon.start()
         sock = self.socket
         wait_for(sock.exists, f"{self.name} socket {sock}", 60, self.daemon)
+        if self.profile_dir is not None and self.name == "lazysnap":
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+            out = self.profile_dir / f"{self.name}-{self.profile_label}.txt"
+            # --idle: cold starts wait on the network; where the daemon waits is the question
+            self.profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(self.daemon.pid), "--idle", "--threads", "--nonblocking",
+                 "--rate", "200", "--format", "raw", "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def peak_rss_kib(self) -> int | None:
         return self.daemon.peak_rss_kib() if self.daemon is not None else None
