@@ -105,6 +105,9 @@ class _NoSource:
     async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         raise _NotHeld
 
+    async def read_tail(self, length: int) -> bytes:
+        raise _NotHeld
+
     async def check(self) -> None:
         return None
 

@@ -48,12 +48,12 @@ async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQ
         FormatError: the footer or TOC is malformed, oversized or inconsistent.
         SourceError: as raised by ``source``.
     """
+    tail = await source.read_tail(TAIL_FETCH)
     size = await source.size()
-    tail_len = min(size, TAIL_FETCH)
-    if tail_len == 0:
+    if not tail:
         raise UnsupportedFormat(f"{source.digest} is empty")
+    tail_len = len(tail)
     tail_start = size - tail_len
-    (tail,) = await source.read_ranges([(tail_start, tail_len)])
     try:
         footer = estargz.parse_footer(tail[-min(size, estargz.MAX_FOOTER_SIZE):], size)
     except estargz.FooterError as exc:

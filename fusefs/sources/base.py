@@ -33,6 +33,14 @@ class BlobSource(Protocol):
         """
         ...
 
+    async def read_tail(self, length: int) -> bytes:
+        """The last ``min(length, size)`` bytes of the blob; ``size()`` is known afterwards.
+
+        A source that does not know the size yet learns it from the same request (an HTTP
+        suffix range): a format reader's first read costs one round trip, not two.
+        """
+        ...
+
     async def check(self) -> None:
         """Raise ``SourceError`` if the blob can no longer be reached (cheap: a HEAD or less)."""
         ...
@@ -40,6 +48,13 @@ class BlobSource(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+async def read_tail_by_size(source: BlobSource, length: int) -> bytes:
+    """``read_tail`` for a source whose size is known or cheap: the size, then one range."""
+    size = await source.size()
+    n = min(length, size)
+    return (await source.read_ranges([(size - n, n)]))[0] if n else b""
 
 
 class SourceFactory(Protocol):

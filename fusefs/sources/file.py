@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from fusefs.errors import BlobNotFound, SourceError
+from fusefs.sources.base import read_tail_by_size
 from fusefs.spec import LayerSpec
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
@@ -91,6 +92,9 @@ class FileSource:
             raise SourceError(f"cannot read {self._path}: {exc}") from exc
         finally:
             os.close(fd)
+
+    async def read_tail(self, length: int) -> bytes:
+        return await read_tail_by_size(self, length)
 
     async def check(self) -> None:
         await self.size()

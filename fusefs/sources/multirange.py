@@ -21,6 +21,7 @@ __all__ = [
     "parse_content_range",
     "parse_multipart_byteranges",
     "range_header",
+    "suffix",
     "validate_ranges",
 ]
 
@@ -30,7 +31,11 @@ _MAX_PART_HEADER = 4096
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """A contiguous byte region ``[start, end)`` to fetch, covering one or more asked ranges."""
+    """A contiguous byte region ``[start, end)`` to fetch, covering one or more asked ranges.
+
+    A negative ``start`` with ``end == 0`` is a suffix: the blob's last ``-start`` bytes, for a
+    blob whose size is not known yet (``Range: bytes=-N``).
+    """
 
     start: int
     end: int
@@ -38,6 +43,17 @@ class Span:
     @property
     def length(self) -> int:
         return self.end - self.start
+
+    @property
+    def is_suffix(self) -> bool:
+        return self.start < 0
+
+
+def suffix(length: int) -> Span:
+    """The span of a blob's last ``length`` bytes (see :class:`Span`)."""
+    if length <= 0:
+        raise SourceError(f"invalid suffix length {length}")
+    return Span(-length, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +99,7 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap: int, max_bytes: int) -> lis
 
 def range_header(spans: Sequence[Span]) -> str:
     """The ``Range`` header value asking for ``spans`` (inclusive ends, as HTTP wants)."""
-    return "bytes=" + ",".join(f"{s.start}-{s.end - 1}" for s in spans)
+    return "bytes=" + ",".join(f"-{s.length}" if s.is_suffix else f"{s.start}-{s.end - 1}" for s in spans)
 
 
 def parse_content_range(value: str) -> tuple[int, int, int | None]:

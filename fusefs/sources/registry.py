@@ -34,6 +34,7 @@ import trio
 
 from fusefs.errors import AuthError, BlobNotFound, SourceError, TransientSourceError
 from fusefs.sources.auth import Authenticator
+from fusefs.sources.base import read_tail_by_size
 from fusefs.sources.config import RegistryConfig
 from fusefs.sources.credentials import CredentialStore
 from fusefs.sources.hosts import Endpoint, load_endpoints
@@ -46,6 +47,7 @@ from fusefs.sources.multirange import (
     parse_content_range,
     parse_multipart_byteranges,
     range_header,
+    suffix,
     validate_ranges,
 )
 from fusefs.sources.reference import ImageRef, parse_reference, validate_digest
@@ -275,8 +277,29 @@ class RegistrySource:
             self._size = reply.size
         return self._size
 
+    async def read_tail(self, length: int) -> bytes:
+        """The blob's last ``min(length, size)`` bytes; an unknown size comes with them.
+
+        With the size unknown this is one ``Range: bytes=-N`` request (RFC 9110 suffix range)
+        instead of a HEAD and a GET.
+        """
+        if self._size is not None:
+            return await read_tail_by_size(self, length)
+        reply = await self._with_retries("GET", [suffix(length)])
+        self._last_check = trio.current_time()
+        # a multipart answer carries no total in a header we read: ask for it the old way
+        size = self._size if self._size is not None else await self.size()
+        n = min(length, size)
+        (data,) = cut([(size - n, n)], reply.pieces or [])
+        if data is None:
+            raise SourceError(f"blob {self._digest}: the answer to a suffix range lacks the last {n} bytes")
+        return data
+
     async def check(self) -> None:
-        """HEAD the blob, at most once per ``config.check_interval`` seconds while it succeeds."""
+        """HEAD the blob, at most once per ``config.check_interval`` seconds while it succeeds.
+
+        A successful read counts as a check too: a layer just mounted is not asked again.
+        """
         now = trio.current_time()
         if now - self._last_check < self._config.check_interval:
             return
@@ -301,6 +324,7 @@ class RegistrySource:
             pieces = await self._fetch(batches[0])
         else:
             pieces = await self._fetch_concurrently(batches)
+        self._last_check = trio.current_time()
         out = cut(ranges, pieces)
         result: list[bytes] = []
         for (offset, length), data in zip(ranges, out, strict=True):
@@ -554,6 +578,9 @@ class RegistrySource:
                 raise SourceError(f"{where} answered 206 without Content-Range for {self._digest}")
             start, end, total = parse_content_range(content_range)
             self._check_total(total, where)
+            if spans[0].is_suffix and (total is None or end != total):
+                raise SourceError(f"{where} answered a suffix range of {self._digest} with "
+                                  f"{content_range!r}, not the blob's end")
             if end - start > asked + self._config.coalesce_gap * len(spans):
                 raise SourceError(f"{where} answered {end - start} bytes for a {asked}-byte request")
             declared = _content_length(resp)
@@ -578,6 +605,10 @@ class RegistrySource:
         if len(spans) > 1:
             raise _RangesIgnored()
         span = spans[0]
+        if span.is_suffix:
+            if total is None:
+                raise SourceError(f"{where} ignored a suffix range of {self._digest} and sent no length")
+            span = Span(max(0, total - span.length), total)
         if total is not None and span.end > total:
             raise SourceError(f"{where}: blob {self._digest} is {total} bytes, shorter than asked")
         if not self._warned_no_ranges:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 
 from fusefs.errors import FormatError
-from fusefs.sources.base import BlobSource
+from fusefs.sources.base import BlobSource, read_tail_by_size
 
 _MAGIC = b"lazysnap-index-ranges-v1\n"
 MAX_RECORDED_BYTES = 512 << 20
@@ -56,6 +56,15 @@ class RecordingSource:
             if start <= offset and offset + length <= start + size:
                 return data[offset - start:offset - start + length]
         return None
+
+    async def read_tail(self, length: int) -> bytes:
+        if self._size is not None:
+            return await read_tail_by_size(self, length)
+        self.source_reads += 1
+        data = await self._source.read_tail(length)
+        self._size = await self._source.size()  # known now: no request
+        self._ranges[(self._size - len(data), len(data))] = data
+        return data
 
     async def check(self) -> None:
         await self._source.check()

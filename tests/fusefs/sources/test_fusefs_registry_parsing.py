@@ -18,6 +18,7 @@ from fusefs.sources.multirange import (
     parse_content_range,
     parse_multipart_byteranges,
     range_header,
+    suffix,
 )
 from fusefs.sources.reference import ImageRef, parse_reference
 
@@ -69,6 +70,13 @@ def test_coalesce_and_header() -> None:
     assert range_header(spans) == "bytes=0-24,100-109,1000-1000"
     assert len(coalesce([(0, 10), (20, 10)], gap=100, max_bytes=15)) == 2
     assert len(coalesce([(0, 10), (20, 10)], gap=100, max_bytes=30)) == 1
+
+
+def test_suffix_span() -> None:
+    assert range_header([suffix(4096)]) == "bytes=-4096"
+    assert suffix(10).length == 10 and suffix(10).is_suffix
+    with pytest.raises(SourceError):
+        suffix(0)
 
 
 @given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 500)), min_size=1, max_size=30),

@@ -370,3 +370,56 @@ def test_size_disagreeing_with_the_server_is_refused(anon_registry: Blobs, tmp_p
             await factory.aclose()
 
     run(body)
+
+
+@pytest.mark.parametrize("length", [1, 5000, 10 << 20])
+def test_tail_with_unknown_size_is_one_suffix_request(anon_registry: Blobs, proxy: FaultProxy,
+                                                      tmp_path: Path, length: int) -> None:
+    blob = anon_registry.large
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path)
+        try:
+            assert await source.read_tail(length) == blob[-length:]
+            assert await source.size() == len(blob)  # learnt from Content-Range: no HEAD
+            assert await source.read_tail(7) == blob[-7:]  # size known: a plain range
+        finally:
+            await factory.aclose()
+
+    run(body)
+    assert [r.method for r in proxy.requests() if r.is_blob] == ["GET", "GET"]
+    first, second = blob_requests(proxy)
+    assert first == f"bytes=-{length}"
+    assert second == f"bytes={len(blob) - 7}-{len(blob) - 1}"
+
+
+@pytest.mark.parametrize("which", ["small", "large"])
+def test_tail_from_a_server_ignoring_range(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path,
+                                           which: str) -> None:
+    blob = anon_registry.small if which == "small" else anon_registry.large
+    digest = anon_registry.small_digest if which == "small" else anon_registry.large_digest
+    proxy.strip_range()
+
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, digest, tmp_path)
+        try:
+            assert await source.read_tail(3000) == blob[-3000:]
+            assert await source.size() == len(blob)
+        finally:
+            await factory.aclose()
+
+    run(body)
+
+
+def test_a_read_counts_as_a_check(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
+    async def body() -> None:
+        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                                            check_interval=3600.0)
+        try:
+            await source.read_tail(100)
+            await source.check()  # the read just reached the blob: no HEAD
+        finally:
+            await factory.aclose()
+
+    run(body)
+    assert [r.method for r in proxy.requests() if r.is_blob] == ["GET"]
