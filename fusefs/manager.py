@@ -34,11 +34,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyfuse3
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 _MS_BIND = 4096
 _MNT_DETACH = 2
 _MAX_NEIGHBOURS = 128
+_RESOLUTION_HOLD = 120.0  # seconds a neighbour's index read ahead waits in memory for its mount
 _libc = ctypes.CDLL(None, use_errno=True)
 _session_active = False
 
@@ -82,6 +84,17 @@ def _unmount(target: str) -> None:
         return
     err = ctypes.get_errno() or err
     raise OSError(err, f"unmount {target}: {os.strerror(err)}")
+
+
+@dataclass(eq=False)
+class _Resolution:
+    """One read of a layer's (unverified) index, shared by everyone who needs it meanwhile."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    index: UnverifiedIndex | None = None
+    size: int | None = None
+    fresh: bool = False  # read from the source by this process, not from the persisted copy
+    expires: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ class LayerManager:
         self._background_done: set[str] = set()
         self._checked: dict[str, float] = {}
         self._opening: dict[str, trio.Lock] = {}
-        self._resolving: set[str] = set()
+        self._resolutions: dict[str, _Resolution] = {}
         self._stopped = trio.Event()
         self._fuse_root = str(config.fuse.mountpoint)
         self._closing = False
@@ -329,37 +342,84 @@ class LayerManager:
     # -- neighbours ------------------------------------------------------------------------
 
     async def resolve_neighbours(self, spec: LayerSpec) -> None:
-        """Fetch and persist the indexes of ``spec.neighbours`` in parallel (best effort).
+        """Read the indexes of ``spec.neighbours`` in parallel (best effort), ahead of their mounts.
 
-        Nothing is trusted here: each neighbour's index is verified when it is mounted.
+        Each index is read once (persisted, and held in memory for a while): the neighbour's own
+        mount, usually a moment later, takes it from there with no request and no second parse.
+        Nothing is trusted here: each index is verified when its layer is mounted.
         """
+        self._prune_resolutions()
         todo = [d for d in spec.neighbours[:_MAX_NEIGHBOURS]
-                if d != spec.digest and d not in self._resolving and self._served(d) is None]
+                if d != spec.digest and d not in self._resolutions and self._served(d) is None]
         limiter = trio.CapacityLimiter(4)
         async with trio.open_nursery() as nursery:
             for digest in todo:
-                self._resolving.add(digest)
-                nursery.start_soon(self._resolve_one, spec, digest, limiter)
+                neighbour = LayerSpec(ref=spec.ref, digest=digest, urls=(), format_hints=spec.format_hints)
+                nursery.start_soon(self._resolve_one, neighbour, spec.digest, limiter)
 
-    async def _resolve_one(self, spec: LayerSpec, digest: str, limiter: trio.CapacityLimiter) -> None:
+    async def _resolve_one(self, spec: LayerSpec, of: str, limiter: trio.CapacityLimiter) -> None:
         try:
             async with limiter:
-                if self.cache.load_index(digest) is not None:
-                    return
-                neighbour = LayerSpec(ref=spec.ref, digest=digest, urls=(), format_hints=spec.format_hints)
-                source = await self._factory.open(neighbour)
-                try:
-                    recorder = RecordingSource(source)
-                    await self._read_index(recorder)
-                    await trio.to_thread.run_sync(self.cache.save_index, digest, recorder.dump())
-                finally:
-                    await source.aclose()
+                resolution = await self._resolution(spec)
+            resolution.expires = time.monotonic() + _RESOLUTION_HOLD
         except LayerError as exc:
-            log.debug("neighbour %s of %s not resolved: %s", digest, spec.digest, exc)
+            log.debug("neighbour %s of %s not resolved: %s", spec.digest, of, exc)
         except Exception:  # a bug; this best-effort task runs in the session's nursery: don't end it
-            log.exception("unexpected error resolving neighbour %s of %s", digest, spec.digest)
+            log.exception("unexpected error resolving neighbour %s of %s", spec.digest, of)
+
+    def _prune_resolutions(self) -> None:
+        now = time.monotonic()
+        for digest, resolution in list(self._resolutions.items()):
+            if resolution.done.is_set() and resolution.expires < now:
+                del self._resolutions[digest]
+
+    async def _resolution(self, spec: LayerSpec, *, use_persisted: bool = True) -> _Resolution:
+        """The layer's unverified index, read once however many callers want it at the same time.
+
+        A finished resolution stays in ``_resolutions`` until its layer is mounted (or it
+        expires); a failed one is dropped, and its waiters read the index themselves.
+        """
+        waited = self._resolutions.get(spec.digest)
+        if waited is not None and use_persisted:
+            await waited.done.wait()
+            if waited.index is not None:
+                return waited
+        resolution = _Resolution()
+        self._resolutions[spec.digest] = resolution
+        try:
+            await self._resolve_into(spec, resolution, use_persisted)
+        except BaseException:
+            if self._resolutions.get(spec.digest) is resolution:
+                del self._resolutions[spec.digest]
+            raise
         finally:
-            self._resolving.discard(digest)
+            resolution.done.set()
+        return resolution
+
+    async def _resolve_into(self, spec: LayerSpec, resolution: _Resolution, use_persisted: bool) -> None:
+        persisted = None
+        if use_persisted:
+            persisted = await trio.to_thread.run_sync(self.cache.load_index, spec.digest)
+        source = await self._factory.open(spec)
+        try:
+            if persisted is not None:
+                try:
+                    recorder = RecordingSource.load(source, persisted)
+                    resolution.index = await self._read_index(recorder)
+                    resolution.size = await recorder.size()
+                    if recorder.source_reads:
+                        await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
+                    return
+                except (FormatError, IntegrityError, UnsupportedFormat) as exc:
+                    log.warning("persisted index of %s unusable (%s): reading it from the source",
+                                spec.digest, exc)
+            recorder = RecordingSource(source, spec.size)
+            resolution.index = await self._read_index(recorder)
+            resolution.size = await recorder.size()
+            resolution.fresh = True
+            await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
+        finally:
+            await source.aclose()
 
     # -- internals --------------------------------------------------------------------------
 
@@ -372,9 +432,17 @@ class LayerManager:
         return None
 
     async def _open_layer(self, spec: LayerSpec) -> MountedLayer:
-        source = await self._factory.open(spec)
         try:
-            index = await self._load_index(spec, source)
+            index, resolution = await self._verified_index(spec)
+        finally:
+            self._resolutions.pop(spec.digest, None)  # the mounted layer holds the index now
+        # the size learnt with the index: the fetcher's source needs no HEAD for it
+        if spec.size is None:
+            spec = replace(spec, size=resolution.size)
+        source = await self._factory.open(spec)
+        if resolution.fresh:  # the registry just served this blob: no need to ask it again yet
+            self._checked[spec.digest] = time.monotonic()
+        try:
             hexpart = layer_dirname(spec.digest)
             name = hexpart[:16].encode()
             if self._table.by_name(name) is not None:
@@ -399,22 +467,20 @@ class LayerManager:
             await run_prefetch(fetcher, self._config.prefetch, prefetch_size)
             self._background_done.add(fetcher.layer_digest)
 
-    async def _load_index(self, spec: LayerSpec, source: BlobSource) -> LayerIndex:
-        persisted = self.cache.load_index(spec.digest)
-        if persisted is not None:
-            try:
-                recorder = RecordingSource.load(source, persisted)
-                index = self._verify(spec, await self._read_index(recorder))
-                if recorder.source_reads:
-                    await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
-                return index
-            except (FormatError, IntegrityError, UnsupportedFormat) as exc:
-                log.warning("persisted index of %s unusable (%s): reading it from the source",
-                            spec.digest, exc)
-        recorder = RecordingSource(source, spec.size)
-        index = self._verify(spec, await self._read_index(recorder))
-        await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
-        return index
+    async def _verified_index(self, spec: LayerSpec) -> tuple[LayerIndex, _Resolution]:
+        resolution = await self._resolution(spec)
+        assert resolution.index is not None
+        try:
+            return self._verify(spec, resolution.index), resolution
+        except IntegrityError as exc:
+            if resolution.fresh:
+                raise
+            # the persisted copy may be stale or damaged: only the source's bytes decide
+            log.warning("persisted index of %s does not verify (%s): reading it from the source",
+                        spec.digest, exc)
+        resolution = await self._resolution(spec, use_persisted=False)
+        assert resolution.index is not None
+        return self._verify(spec, resolution.index), resolution
 
     async def _read_index(self, source: BlobSource) -> UnverifiedIndex:
         for name in self._config.formats:
