@@ -31,6 +31,7 @@ from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
 from fusefs.index import Chunk, LayerIndex, NodeId
 from fusefs.sources.base import BlobSource
 from fusefs.sources.replay import RecordingSource
+from fusefs.writer import CacheWriter
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class ChunkFetcher:
         cache: ChunkCache,
         config: FetchConfig,
         gate: PriorityGate,
+        writer: CacheWriter | None = None,
     ) -> None:
         self.layer_digest = layer_digest
         self.index = index
@@ -176,12 +178,15 @@ class ChunkFetcher:
         self._gate = gate
         self._inflight: dict[int, _Flight] = {}
         self._failures: dict[int, tuple[float, LayerError]] = {}
+        self._writer = writer if writer is not None else CacheWriter(cache)
+        self._writing: dict[int, bytes] = {}  # verified, served, and on their way to the cache
         self._recent: OrderedDict[int, bytes] = OrderedDict()
         self._recent_bytes = 0
         self._on_demand = self._background = self._chunks = self._bytes = 0
         self._integrity_failures = self._source_failures = 0
         self._reads = self._served = 0
         self._ahead_running = False
+        self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
     def statistics(self) -> FetchStatistics:
@@ -189,7 +194,17 @@ class ChunkFetcher:
                                self._integrity_failures, self._source_failures, self._reads, self._served)
 
     def is_cached(self, cid: int) -> bool:
-        return self._cache.contains(self.layer_digest, self.index.chunk_key(cid))
+        """Verified and held: on disk, or queued for it (never fetched again either way)."""
+        return cid in self._writing or self._cache.contains(self.layer_digest, self.index.chunk_key(cid))
+
+    async def flush(self) -> None:
+        """Wait until the chunks fetched so far are written to the cache (or refused)."""
+        await self._writer.flush()
+
+    def _held(self, cid: int) -> bytes | None:
+        """A verified chunk's bytes that are not (yet) in the disk cache, if still held."""
+        data = self._writing.get(cid)
+        return data if data is not None else self._recent.get(cid)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -215,8 +230,8 @@ class ChunkFetcher:
         for cid in cids:
             lo, hi = self._slice(cid, offset, end)
             data = self._cache.read(self.layer_digest, self.index.chunk_key(cid), lo, hi - lo)
-            if data is None and self._recent:
-                held = self._recent.get(cid)
+            if data is None and (self._writing or self._recent):
+                held = self._held(cid)
                 data = None if held is None else held[lo:hi]
             parts.append(data)
             if data is None:
@@ -395,6 +410,8 @@ class ChunkFetcher:
                     theirs.append((cid, flight))
                     continue
                 cached = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
+                if cached is None:
+                    cached = self._held(cid)
                 if cached is not None:
                     result[cid] = cached
                 else:
@@ -452,7 +469,7 @@ class ChunkFetcher:
     async def _complete(self, cid: int, c: Chunk, compressed: Buffer, flight: _Flight) -> LayerError | None:
         """Decode, verify and cache one fetched chunk into its flight; return its error if any."""
         try:
-            data, kept = await self._decode_and_store(c, compressed, self.index.chunk_key(cid))
+            data = await self._decode(c, compressed)
         except IntegrityError as exc:
             self._integrity_failures += 1
             log.warning("layer %s: chunk at blob offset %d (file offset %d, sha256:%s) failed "
@@ -464,10 +481,19 @@ class ChunkFetcher:
             self._fail(cid, flight, exc)
             return exc
         flight.data = data
-        if not kept:
-            self._hold(cid, data)
         self._chunks += 1
+        await self._store(cid, data)
         return None
+
+    async def _store(self, cid: int, data: bytes) -> None:
+        self._writing[cid] = data
+
+        def done(kept: bool) -> None:
+            if self._writing.pop(cid, None) is not None and not kept:
+                self.not_kept += 1
+                self._hold(cid, data)
+
+        await self._writer.submit(self.layer_digest, self.index.chunk_key(cid), data, done)
 
     def _fail(self, cid: int, flight: _Flight, exc: LayerError) -> None:
         flight.error = exc
@@ -508,11 +534,7 @@ class ChunkFetcher:
         while self._recent_bytes > self._config.memory_bytes and self._recent:
             self._recent_bytes -= len(self._recent.popitem(last=False)[1])
 
-    async def _decode_and_store(self, chunk: Chunk, compressed: Buffer, key: str) -> tuple[bytes, bool]:
+    async def _decode(self, chunk: Chunk, compressed: Buffer) -> bytes:
         if len(compressed) >= self._config.thread_threshold:
-            return await trio.to_thread.run_sync(self._decode_and_store_sync, chunk, compressed, key)
-        return self._decode_and_store_sync(chunk, compressed, key)
-
-    def _decode_and_store_sync(self, chunk: Chunk, compressed: Buffer, key: str) -> tuple[bytes, bool]:
-        data = codecs.decode(chunk, compressed)
-        return data, self._cache.put(self.layer_digest, key, data)
+            return await trio.to_thread.run_sync(codecs.decode, chunk, compressed)
+        return codecs.decode(chunk, compressed)

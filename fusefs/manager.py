@@ -57,6 +57,7 @@ from fusefs.prefetch import run as run_prefetch
 from fusefs.sources.base import BlobSource, SourceFactory
 from fusefs.sources.replay import RecordingSource
 from fusefs.spec import LayerSpec
+from fusefs.writer import CacheWriter
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class LayerManager:
         self._nursery = nursery
         self._factory = source_factory
         self.cache = cache
+        self._writer = CacheWriter(cache)
         self._table = LayerTable()
         self._gate = PriorityGate(config.prefetch.background_silence)
         self._ops = LayerOperations(self._table, config.fuse)
@@ -322,7 +324,9 @@ class LayerManager:
     async def forget_layer(self, digest: str) -> None:
         """Drop everything cached for a layer released for good (no-op while it is mounted)."""
         if self._served(digest) is None:
-            await trio.to_thread.run_sync(self.cache.forget_layer, digest)
+            await self._writer.flush()  # chunks of it still queued would land after the delete
+            if self._served(digest) is None:
+                await trio.to_thread.run_sync(self.cache.forget_layer, digest)
 
     async def aclose(self) -> None:
         """Unmount every layer, stop the FUSE session and wait for it to end."""
@@ -337,6 +341,7 @@ class LayerManager:
         await self._stopped.wait()
         pyfuse3.close(unmount=True)
         _session_active = False
+        await self._writer.flush()  # what was fetched is kept for the next start
         self.cache.close()
 
     # -- neighbours ------------------------------------------------------------------------
@@ -447,7 +452,8 @@ class LayerManager:
             name = hexpart[:16].encode()
             if self._table.by_name(name) is not None:
                 name = hexpart.encode()  # a prefix collision: use the full digest
-            fetcher = ChunkFetcher(spec.digest, index, source, self.cache, self._config.fetch, self._gate)
+            fetcher = ChunkFetcher(spec.digest, index, source, self.cache, self._config.fetch, self._gate,
+                                   self._writer)
             layer = self._table.add(name, spec.digest, index, fetcher)
         except BaseException:
             await source.aclose()

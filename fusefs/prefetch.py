@@ -99,6 +99,7 @@ async def _one_step(fetcher: ChunkFetcher, config: PrefetchConfig, cids: list[in
     cids = [cid for cid in cids if not fetcher.is_cached(cid)]
     if cids:
         await fetcher.ensure(cids, background=True)
+        await fetcher.flush()  # paces background fetch to the disk, and tells what was kept
         if not all(fetcher.is_cached(cid) for cid in cids):
             raise _CacheFull
     if config.background_rate > 0:
