@@ -120,7 +120,10 @@ class RegistrySourceFactory:
         self._plain_http: set[str] = set()
         self._cooling: dict[str, float] = {}
         self.credentials = CredentialStore(self.config.docker_config, self.config.credential_helper_timeout)
-        token_client = self._new_client(verify=True, follow_redirects=True)
+        # one context for every client that trusts the system's CAs (as containerd does): httpx
+        # would build and load one per client, ~20 ms of the event loop each, on first contact
+        self._system_tls = ssl.create_default_context()
+        token_client = self._new_client(verify=self._system_tls, follow_redirects=True)
         self._clients[("token",)] = token_client
         self.auth = Authenticator(self.credentials, token_client, self.config.insecure_hosts)
         self._outcomes: dict[str, tuple[int, float]] = {}
@@ -133,7 +136,7 @@ class RegistrySourceFactory:
         n, t = self._outcomes.get(outcome, (0, 0.0))
         self._outcomes[outcome] = (n + 1, t + seconds)
 
-    def _new_client(self, verify: ssl.SSLContext | bool, follow_redirects: bool = False) -> httpx.AsyncClient:
+    def _new_client(self, verify: ssl.SSLContext, follow_redirects: bool = False) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             timeout=self._timeout, verify=verify, http2=self._http2, follow_redirects=follow_redirects,
             max_redirects=self.config.max_redirects,
@@ -193,13 +196,13 @@ class RegistrySourceFactory:
         """The shared client for ``endpoint``, or for the bare host of ``url`` (redirects, URLs)."""
         if endpoint is not None and urlsplit(url).netloc == endpoint.netloc:
             key = endpoint.tls_key()
-            verify: ssl.SSLContext | bool = True
+            verify: ssl.SSLContext = self._system_tls
             if endpoint.scheme == "https":
-                verify = _ssl_context(endpoint)
+                verify = _ssl_context(endpoint) or self._system_tls
         else:
             parts = urlsplit(url)
             key = (parts.scheme, parts.netloc)
-            verify = True
+            verify = self._system_tls
         client = self._clients.get(key)
         if client is None:
             client = self._clients[key] = self._new_client(verify)
@@ -212,9 +215,10 @@ class RegistrySourceFactory:
             await client.aclose()
 
 
-def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | bool:
+def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | None:
+    """The endpoint's own TLS settings (hosts.toml), or None for the system's defaults."""
     if not (endpoint.skip_verify or endpoint.ca or endpoint.client):
-        return True
+        return None
     try:
         ctx = ssl.create_default_context()
         for ca in endpoint.ca:
