@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 import trio
 
@@ -28,6 +29,11 @@ from fusefs.sources.base import BlobSource
 
 TAIL_FETCH = 256 << 10  # first request: the footer, and the whole TOC of most small layers
 MAX_COMPRESSED_TOC = 64 << 20
+
+# One index build at a time, process-wide: a build is CPU-bound (two cores gain little from two
+# at once) and its transient memory is several times the TOC JSON, so the layer being mounted and
+# the neighbours the manager resolves in parallel would otherwise add their peaks up.
+_BUILD_LOCK = threading.Lock()
 
 _TYPES = {
     estargz.EntryType.DIR: stat.S_IFDIR,
@@ -67,7 +73,14 @@ async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQ
         toc_bytes = tail[footer.toc_offset - tail_start:footer.toc_end - tail_start]
     else:
         (toc_bytes,) = await source.read_ranges([(footer.toc_offset, toc_len)])
-    return await trio.to_thread.run_sync(_index, toc_bytes, footer, size, opaque_xattr, source.digest)
+    return await trio.to_thread.run_sync(_index_one_at_a_time, toc_bytes, footer, size, opaque_xattr,
+                                         source.digest)
+
+
+def _index_one_at_a_time(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
+                         digest: str) -> UnverifiedIndex:
+    with _BUILD_LOCK:
+        return _index(toc_bytes, footer, blob_size, opaque_xattr, digest)
 
 
 def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,

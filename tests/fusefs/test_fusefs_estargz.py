@@ -113,3 +113,48 @@ def test_plain_tar_gzip_layer_is_unsupported(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with pytest.raises(UnsupportedFormat):
         trio.run(read_estargz, FileSource(empty, "sha256:" + "1" * 64))
+
+
+def test_index_builds_run_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent reads (the mounted layer and its neighbours) build their indexes in turn, so
+    their transient memory never adds up."""
+    import threading
+
+    import fusefs.formats.estargz as fe
+
+    real_index = fe._index
+    lock = threading.Lock()
+    active = 0
+    overlapped = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def index(*args: object) -> object:
+        nonlocal active
+        with lock:
+            active += 1
+            if active > 1:
+                overlapped.set()
+        entered.release()
+        # give a second build the chance to start meanwhile (it must not)
+        overlapped.wait(0.5)
+        try:
+            return real_index(*args)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active -= 1
+
+    monkeypatch.setattr(fe, "_index", index)
+    blobs = []
+    for k in range(3):
+        blob = tmp_path / f"blob{k}"
+        blob.write_bytes(_estargz_with_toc([{"name": f"d{k}/", "type": "dir", "mode": 0o755}]))
+        blobs.append(blob)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for k, blob in enumerate(blobs):
+                nursery.start_soon(read_estargz, FileSource(blob, "sha256:" + str(k) * 64))
+
+    trio.run(main)
+    assert not overlapped.is_set()
+    assert all(entered.acquire(blocking=False) for _ in blobs)  # every build ran
