@@ -43,7 +43,13 @@ from ._footer import Footer
 from ._toc import CHUNK_HOLE, ROOT, TOC, EntryType
 from .errors import TOCError
 
-__all__ = ["DEFAULT_MAX_CHUNK_SIZE", "DEFAULT_MAX_ENTRIES", "index_toc_json"]
+__all__ = [
+    "DEFAULT_MAX_CHUNK_SIZE",
+    "DEFAULT_MAX_ENTRIES",
+    "decode_toc_json",
+    "index_toc_json",
+    "index_toc_text",
+]
 
 DEFAULT_MAX_ENTRIES = 4_000_000
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20
@@ -624,10 +630,28 @@ def index_toc_json(
     Raises:
         TOCError: malformed JSON, wrong version, or any entry that breaks the rules above.
     """
+    return index_toc_text(
+        decode_toc_json(data), footer, codec=codec, max_entries=max_entries, max_chunk_size=max_chunk_size
+    )
+
+
+def decode_toc_json(data: bytes) -> str:
+    """The TOC JSON as text (TOCError if it is not UTF-8)."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TOCError(f"TOC JSON is not valid UTF-8: {exc}") from None
+
+
+def index_toc_text(
+    text: str,
+    footer: Footer,
+    *,
+    codec: Codec,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+) -> tuple[TOC, dict[str, Any]]:
+    """:func:`index_toc_json` of already decoded JSON text (the caller may drop the bytes first)."""
     builder = _Builder(footer.toc_offset, max_entries, max_chunk_size)
     # The builder allocates one small list per entry: with the cyclic GC on, every collection
     # rescans all of them (about a quarter of the indexing time at 100k entries). Nothing here
