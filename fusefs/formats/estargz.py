@@ -27,6 +27,7 @@ from array import array
 import trio
 
 import estargz
+from fusefs.allocator import release_free_memory
 from fusefs.errors import FormatError, UnsupportedFormat
 from fusefs.index import (
     DEFAULT_MAX_CHUNK_SIZE,
@@ -97,7 +98,12 @@ async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQ
 def _index_one_at_a_time(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
                          digest: str) -> UnverifiedIndex:
     with _BUILD_LOCK:
-        return _index(toc_bytes, footer, blob_size, opaque_xattr, digest)
+        try:
+            return _index(toc_bytes, footer, blob_size, opaque_xattr, digest)
+        finally:
+            # the build's transient (~10x the index it leaves) is freed by now, but scattered
+            # through the heaps: give it back before fetch buffers start to come and go
+            release_free_memory()
 
 
 def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,

@@ -335,3 +335,20 @@ def test_direct_packing_refuses_what_the_builder_refuses(entries: list[dict[str,
         _reference_index(member, footer, size, TRUSTED_OPAQUE)
     with pytest.raises((FormatError, UnsupportedFormat)):
         _index(member, footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
+
+
+def test_free_memory_goes_back_after_each_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusefs.formats.estargz as fe
+    from fusefs.allocator import release_free_memory
+
+    assert release_free_memory()  # glibc: malloc_trim is there and runs
+    calls: list[int] = []
+    monkeypatch.setattr(fe, "release_free_memory", lambda: calls.append(1) or True)
+    good = tmp_path / "good"
+    good.write_bytes(_estargz_with_toc([{"name": "ok/", "type": "dir", "mode": 0o755}]))
+    bad = tmp_path / "bad"
+    bad.write_bytes(_estargz_with_toc([{"name": "../x", "type": "dir", "mode": 0o755}]))
+    trio.run(read_estargz, FileSource(good, "sha256:" + "1" * 64))
+    with pytest.raises((FormatError, UnsupportedFormat)):
+        trio.run(read_estargz, FileSource(bad, "sha256:" + "2" * 64))
+    assert len(calls) == 2  # after a failed build too
