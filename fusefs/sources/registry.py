@@ -118,6 +118,7 @@ class RegistrySourceFactory:
         self._plain_http: set[str] = set()
         self._cooling: dict[str, float] = {}
         self.credentials = CredentialStore(self.config.docker_config, self.config.credential_helper_timeout)
+        self._default_tls: ssl.SSLContext | None = None
         token_client = self._new_client(verify=True, follow_redirects=True)
         self._clients[("token",)] = token_client
         self.auth = Authenticator(self.credentials, token_client, self.config.insecure_hosts)
@@ -132,6 +133,12 @@ class RegistrySourceFactory:
         self._outcomes[outcome] = (n + 1, t + seconds)
 
     def _new_client(self, verify: ssl.SSLContext | bool, follow_redirects: bool = False) -> httpx.AsyncClient:
+        if verify is True:
+            # httpx would load the CA bundle into a new SSLContext for every client (~0.7 MiB
+            # resident each): clients with the default trust share one, made as httpx makes it
+            if self._default_tls is None:
+                self._default_tls = httpx.create_ssl_context()
+            verify = self._default_tls
         return httpx.AsyncClient(
             timeout=self._timeout, verify=verify, http2=self._http2, follow_redirects=follow_redirects,
             max_redirects=self.config.max_redirects,
