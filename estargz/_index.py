@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from itertools import accumulate, compress, islice
 from operator import itemgetter, lt
 from typing import Any
@@ -37,7 +38,7 @@ from ._fields import (
     parse_time,
     parse_xattrs,
     uint,
-    walk_json,
+    walk_json_pieces,
 )
 from ._footer import Footer
 from ._toc import CHUNK_HOLE, ROOT, TOC, EntryType
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_ENTRIES",
     "decode_toc_json",
     "index_toc_json",
+    "index_toc_pieces",
     "index_toc_text",
 ]
 
@@ -651,7 +653,22 @@ def index_toc_text(
     max_entries: int = DEFAULT_MAX_ENTRIES,
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
 ) -> tuple[TOC, dict[str, Any]]:
-    """:func:`index_toc_json` of already decoded JSON text (the caller may drop the bytes first)."""
+    """:func:`index_toc_json` of already decoded JSON text."""
+    return index_toc_pieces(
+        iter((text,)), footer, codec=codec, max_entries=max_entries, max_chunk_size=max_chunk_size
+    )
+
+
+def index_toc_pieces(
+    texts: Iterator[str],
+    footer: Footer,
+    *,
+    codec: Codec,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+) -> tuple[TOC, dict[str, Any]]:
+    """:func:`index_toc_json` of JSON text arriving in pieces, split anywhere (only a window of
+    it is held at a time; errors the pieces raise propagate)."""
     builder = _Builder(footer.toc_offset, max_entries, max_chunk_size)
     # The builder allocates one small list per entry: with the cyclic GC on, every collection
     # rescans all of them (about a quarter of the indexing time at 100k entries). Nothing here
@@ -661,7 +678,7 @@ def index_toc_text(
     gc.disable()
     try:
         try:
-            top = walk_json(text, builder.add)
+            top = walk_json_pieces(texts, builder.add)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             if isinstance(exc, TOCError):
                 raise
