@@ -1,8 +1,9 @@
 """Turn TOC JSON into the compact :class:`TOC` index, validating everything on the way.
 
 The JSON is walked one entry at a time (``json.JSONDecoder.raw_decode`` over the top-level
-``entries`` array), so the parsed form of the whole document never exists in memory: peak memory
-is the JSON text plus the arrays being filled.
+``entries`` array) as it is decompressed, so neither the parsed form of the document nor its
+whole text ever exists in memory: peak memory is a window of the text, the arrays being filled
+and the path map of the entries.
 
 Decisions (documented in ``estargz/__init__.py``):
 
