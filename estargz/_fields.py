@@ -10,7 +10,7 @@ import binascii
 import datetime as dt
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import TOCError
@@ -26,6 +26,7 @@ __all__ = [
     "parse_xattrs",
     "uint",
     "walk_json",
+    "walk_json_pieces",
 ]
 
 MAX_PATH = 4096
@@ -50,60 +51,159 @@ _DECODER = json.JSONDecoder(parse_constant=_reject)
 
 def walk_json(text: str, on_entry: Callable[[Any], None]) -> dict[str, Any]:
     """Call ``on_entry`` for each element of the top-level ``entries``; return the other keys."""
+    return walk_json_pieces(iter((text,)), on_entry)
+
+
+_AHEAD = 64 << 10  # text kept ahead of the walk while more is to come (entries are far smaller)
+
+
+class _NeedMore(Exception):
+    pass
+
+
+class _Window:
+    """The part of a streamed JSON text the walk still needs: ``text`` starts at ``base``."""
+
+    __slots__ = ("base", "eof", "pieces", "text")
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self.pieces = pieces
+        self.text = ""
+        self.base = 0
+        self.eof = False
+
+    def advance(self, pos: int, ahead: int) -> int:
+        """Drop the text before ``pos`` and read on until ``ahead`` characters follow it (or the
+        end); returns the position of the same character in the new ``text`` (0)."""
+        parts = [self.text[pos:]]
+        have = len(parts[0])
+        while have < ahead and not self.eof:
+            piece = next(self.pieces, None)
+            if piece is None:
+                self.eof = True
+            else:
+                parts.append(piece)
+                have += len(piece)
+        self.base += pos
+        self.text = "".join(parts) if len(parts) > 1 else parts[0]
+        return 0
+
+
+def walk_json_pieces(pieces: Iterator[str], on_entry: Callable[[Any], None]) -> dict[str, Any]:
+    """:func:`walk_json` over a text that arrives in pieces (e.g. as it is decompressed).
+
+    Only a window of the text is held: what follows the current position, at least ``_AHEAD``
+    characters of it while more is to come, more when one value is larger. A value or separator
+    cut by the end of the window is read again with more text, so the pieces may split the
+    text anywhere. Error positions count from the start of the whole text.
+    """
     decode = _DECODER.raw_decode
     ws = _WS.match
+    separator = _SEPARATOR.match
+    win = _Window(pieces)
     top: dict[str, Any] = {}
     seen_entries = False
+    text = ""
+    pos = 0
+
+    def ahead(pos: int, n: int = _AHEAD) -> int:
+        nonlocal text
+        if len(text) - pos < n and not win.eof:
+            pos = win.advance(pos, n)
+            text = win.text
+        return pos
+
+    def more(pos: int) -> int:
+        """Read on after a cut: at least twice what is left, so a long value costs log steps."""
+        nonlocal text
+        pos = win.advance(pos, 2 * (len(text) - pos) + _AHEAD)
+        text = win.text
+        return pos
+
+    def skip_ws(pos: int) -> int:
+        pos = ahead(pos)
+        end = ws(text, pos).end()  # type: ignore[union-attr]
+        while end == len(text) and not win.eof:
+            pos = more(end)
+            end = ws(text, pos).end()  # type: ignore[union-attr]
+        return end
+
+    def value_at(pos: int) -> tuple[Any, int]:
+        pos = skip_ws(pos)
+        while True:
+            try:
+                value, end = decode(text, pos)
+            except json.JSONDecodeError as exc:
+                if win.eof:
+                    raise json.JSONDecodeError(exc.msg, exc.doc, exc.pos) from None
+                pos = more(pos)
+                continue
+            if end == len(text) and not win.eof:  # a number may go on in the next piece
+                pos = more(pos)
+                continue
+            return value, end
 
     def expect(pos: int, char: str, where: str) -> int:
-        pos = ws(text, pos).end()  # type: ignore[union-attr]
+        pos = skip_ws(pos)
         if text[pos : pos + 1] != char:
-            raise TOCError(f"TOC JSON: expected {char!r} {where} at character {pos}")
+            raise TOCError(f"TOC JSON: expected {char!r} {where} at character {win.base + pos}")
         return pos + 1
 
     pos = expect(0, "{", "at the start")
-    pos = ws(text, pos).end()  # type: ignore[union-attr]
+    pos = skip_ws(pos)
     if text[pos : pos + 1] == "}":
         pos += 1
     else:
         while True:
-            key, pos = decode(text, ws(text, pos).end())  # type: ignore[union-attr]
+            key, pos = value_at(skip_ws(pos))
             if not isinstance(key, str):
-                raise TOCError(f"TOC JSON: object key at character {pos} is not a string")
+                raise TOCError(f"TOC JSON: object key at character {win.base + pos} is not a string")
             pos = expect(pos, ":", f"after key {key!r}")
-            pos = ws(text, pos).end()  # type: ignore[union-attr]
+            pos = skip_ws(pos)
             if key == "entries":
                 if seen_entries:
                     raise TOCError("TOC JSON has two 'entries' keys")
                 seen_entries = True
                 pos = expect(pos, "[", "to open 'entries'")
-                pos = ws(text, pos).end()  # type: ignore[union-attr]
+                pos = skip_ws(pos)
                 if text[pos : pos + 1] == "]":
                     pos += 1
                 else:
-                    separator = _SEPARATOR.match
                     while True:
-                        value, pos = decode(text, pos)
+                        # the hot path: one entry, then ',' or ']' (whitespace on both sides)
+                        if len(text) - pos < _AHEAD and not win.eof:
+                            pos = ahead(pos)
+                        try:
+                            value, pos = decode(text, pos)
+                            if pos == len(text) and not win.eof:
+                                raise _NeedMore
+                        except (json.JSONDecodeError, _NeedMore):
+                            value, pos = value_at(pos)
                         on_entry(value)
                         m = separator(text, pos)
-                        if m is None:
-                            raise TOCError(f"TOC JSON: expected ',' or ']' in 'entries' at character {pos}")
+                        if m is None:  # whitespace may run on into the next piece
+                            pos = skip_ws(pos)
+                            m = separator(text, pos)
+                            if m is None:
+                                at = win.base + pos
+                                raise TOCError(f"TOC JSON: expected ',' or ']' in 'entries' "
+                                               f"at character {at}")
                         pos = m.end()
                         if m.group(1) == "]":
                             break
             else:
                 if key in top:
                     raise TOCError(f"TOC JSON has two {key!r} keys")
-                top[key], pos = decode(text, pos)
-            pos = ws(text, pos).end()  # type: ignore[union-attr]
+                top[key], pos = value_at(pos)
+            pos = skip_ws(pos)
             sep = text[pos : pos + 1]
             pos += 1
             if sep == "}":
                 break
             if sep != ",":
-                raise TOCError(f"TOC JSON: expected ',' or '}}' at character {pos - 1}")
-    if ws(text, pos).end() != len(text):  # type: ignore[union-attr]
-        raise TOCError(f"TOC JSON: trailing data after character {pos}")
+                raise TOCError(f"TOC JSON: expected ',' or '}}' at character {win.base + pos - 1}")
+    if skip_ws(pos) != len(text) or not win.eof:
+        raise TOCError(f"TOC JSON: trailing data after character {win.base + pos}")
     if not seen_entries:
         raise TOCError("TOC JSON has no 'entries' array")
     return top

@@ -1,8 +1,9 @@
 """Turn TOC JSON into the compact :class:`TOC` index, validating everything on the way.
 
 The JSON is walked one entry at a time (``json.JSONDecoder.raw_decode`` over the top-level
-``entries`` array), so the parsed form of the whole document never exists in memory: peak memory
-is the JSON text plus the arrays being filled.
+``entries`` array) as it is decompressed, so neither the parsed form of the document nor its
+whole text ever exists in memory: peak memory is a window of the text, the arrays being filled
+and the path map of the entries.
 
 Decisions (documented in ``estargz/__init__.py``):
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import gc
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from itertools import accumulate, compress, islice
 from operator import itemgetter, lt
 from typing import Any
@@ -37,13 +39,20 @@ from ._fields import (
     parse_time,
     parse_xattrs,
     uint,
-    walk_json,
+    walk_json_pieces,
 )
 from ._footer import Footer
 from ._toc import CHUNK_HOLE, ROOT, TOC, EntryType
 from .errors import TOCError
 
-__all__ = ["DEFAULT_MAX_CHUNK_SIZE", "DEFAULT_MAX_ENTRIES", "index_toc_json"]
+__all__ = [
+    "DEFAULT_MAX_CHUNK_SIZE",
+    "DEFAULT_MAX_ENTRIES",
+    "decode_toc_json",
+    "index_toc_json",
+    "index_toc_pieces",
+    "index_toc_text",
+]
 
 DEFAULT_MAX_ENTRIES = 4_000_000
 DEFAULT_MAX_CHUNK_SIZE = 256 << 20
@@ -68,27 +77,30 @@ _TYPES = {
 }
 
 
-# Columns of a builder row (one list per entry, transposed into arrays at the end).
+# The entry columns of the builder (and of the TOC it becomes), by array typecode.
 _TYPE, _MODE, _UID, _GID, _UNAME, _GNAME, _SIZE, _MTIME, _NSEC, _MAJOR, _MINOR, _PARENT, _LINK, _CSTART = (
     range(14)
 )
 _COLUMNS = "BHIIiiQqIIIiiI"
+_CHUNK_COLUMNS = "QQQQQB"  # file offset, size, blob offset, blob end, inner offset, flags
 
 
 class _Builder:
-    """Accumulates entries as rows, then transposes them into the arrays of a :class:`TOC`."""
+    """Accumulates entries straight into the arrays of a :class:`TOC` (one column per field:
+    no Python object per entry or chunk, which cost ~3x the arrays while a TOC was walked)."""
 
     def __init__(self, toc_offset: int, max_entries: int, max_chunk_size: int) -> None:
         self.toc_offset = toc_offset
         self.max_entries = max_entries
         self.max_chunk_size = max_chunk_size
-        self.rows: list[list[int]] = []
+        self.cols: list[array[int]] = [array(code) for code in _COLUMNS]
         self.names: list[str] = []
         self.links: dict[int, str] = {}
         self.digests: list[bytes] = []
         self.xattrs: dict[int, tuple[tuple[str, bytes], ...]] = {}
         self.hardlinks: dict[int, int] = {}
-        self.chunks: list[tuple[int, int, int, int, int, int]] = []  # file_off, size, off, end, inner, flags
+        # file_off, size, off, end, inner, flags
+        self.chunks: list[array[int]] = [array(code) for code in _CHUNK_COLUMNS]
         self.chunk_digests: list[bytes] = []
         self.by_path: dict[str, int] = {"": ROOT}
         self.live = bytearray()
@@ -107,10 +119,12 @@ class _Builder:
 
     # -- entries -------------------------------------------------------------------------------
     def _new(self, kind: int, name: str, parent: int, mode: int) -> int:
-        i = len(self.rows)
+        i = len(self.cols[_TYPE])
         if i >= self.max_entries:
             raise TOCError(f"TOC has more than {self.max_entries} entries")
-        self.rows.append([kind, mode, 0, 0, -1, -1, 0, 0, 0, 0, 0, parent, -1, len(self.chunks)])
+        for col, value in zip(self.cols, (kind, mode, 0, 0, -1, -1, 0, 0, 0, 0, 0, parent, -1,
+                                          len(self.chunks[0])), strict=True):
+            col.append(value)
         self.names.append(name)
         self.digests.append(NO_DIGEST)
         self.live.append(1)
@@ -126,7 +140,7 @@ class _Builder:
     def _dir_for(self, parts: list[str]) -> int:
         """Index of the directory holding ``parts``, creating missing ones (mode 0755)."""
         i = self.by_path.get("/".join(parts))
-        if i is not None and self.rows[i][_TYPE] == _DIR:
+        if i is not None and self.cols[_TYPE][i] == _DIR:
             return i
         parent = ROOT
         path = ""
@@ -136,9 +150,9 @@ class _Builder:
             if i is None:
                 i = self._new(_DIR, p, parent, 0o755)
                 self.by_path[path] = i
-            elif self.rows[i][_TYPE] != _DIR:
+            elif self.cols[_TYPE][i] != _DIR:
                 raise ValueError(
-                    f"parent {path!r} is a {EntryType(self.rows[i][_TYPE]).label}, not a directory"
+                    f"parent {path!r} is a {EntryType(self.cols[_TYPE][i]).label}, not a directory"
                 )
             parent = i
         return parent
@@ -188,9 +202,10 @@ class _Builder:
             or "xattrs" in e
         ):
             return False
-        rows = self.rows
+        cols = self.cols
+        types, sizes = cols[_TYPE], cols[_SIZE]
         cf = self.current_file
-        if cf >= 0 and rows[cf][_SIZE] and self.current_end != rows[cf][_SIZE]:
+        if cf >= 0 and sizes[cf] and self.current_end != sizes[cf]:
             return False
         path = name.rstrip("/")
         by_path = self.by_path
@@ -199,7 +214,7 @@ class _Builder:
         parent_path, _, base = path.rpartition("/")
         if parent_path:
             parent = by_path.get(parent_path)
-            if parent is None or rows[parent][_TYPE] != _DIR:
+            if parent is None or types[parent] != _DIR:
                 return False
         elif base in _HIDDEN_AT_ROOT:
             return False
@@ -228,7 +243,7 @@ class _Builder:
             sec, nsec = t
         size = 0
         digest = NO_DIGEST
-        chunk: tuple[int, int, int, int, int, int] | None = None
+        chunk: tuple[int, int] | None = None  # size, offset
         chunk_digest = NO_DIGEST
         link = None
         if kind == _REG:
@@ -261,33 +276,30 @@ class _Builder:
                 if raw_chunk is None:
                     return False
                 chunk_digest = digest if raw_chunk == raw_digest else digest_bytes(raw_chunk, "chunkDigest")
-                chunk = (0, csize, offset, 0, 0, 0)
+                chunk = (csize, offset)
         elif kind == _SYMLINK:
             link = get("linkName")
             if link.__class__ is not str or not link or len(link) > MAX_PATH // 4 or "\x00" in link:
                 return False
         # Every check passed: record the entry.
-        i = len(rows)
+        i = len(types)
         if i >= self.max_entries:
             return False
-        rows.append(
-            [
-                kind,
-                mode & 0o7777,
-                uid,
-                gid,
-                self.uname_by_uid.get(uid, -1),
-                self.gname_by_gid.get(gid, -1),
-                size,
-                sec,
-                nsec,
-                0,
-                0,
-                parent,
-                -1,
-                len(self.chunks),
-            ]
-        )
+        chunks = self.chunks
+        types.append(kind)
+        cols[_MODE].append(mode & 0o7777)
+        cols[_UID].append(uid)
+        cols[_GID].append(gid)
+        cols[_UNAME].append(self.uname_by_uid.get(uid, -1))
+        cols[_GNAME].append(self.gname_by_gid.get(gid, -1))
+        sizes.append(size)
+        cols[_MTIME].append(sec)
+        cols[_NSEC].append(nsec)
+        cols[_MAJOR].append(0)
+        cols[_MINOR].append(0)
+        cols[_PARENT].append(parent)
+        cols[_LINK].append(-1)
+        cols[_CSTART].append(len(chunks[0]))
         self.names.append(base)
         self.digests.append(digest)
         self.live.append(1)
@@ -298,9 +310,15 @@ class _Builder:
             self.current_file = i
             self.current_end = 0
             if chunk is not None:
-                self.chunks.append(chunk)
+                csize, offset = chunk
+                chunks[0].append(0)
+                chunks[1].append(csize)
+                chunks[2].append(offset)
+                chunks[3].append(0)
+                chunks[4].append(0)
+                chunks[5].append(0)
                 self.chunk_digests.append(chunk_digest)
-                self.current_end = chunk[1]
+                self.current_end = csize
         else:
             self.current_file = -1
         return True
@@ -330,7 +348,7 @@ class _Builder:
         parent = self._dir_for(parts[:-1]) if len(parts) > 1 else ROOT
         old = self.by_path.get(path)
         if old is not None:
-            old_kind = self.rows[old][_TYPE]
+            old_kind = self.cols[_TYPE][old]
             if (old_kind == _DIR) != (kind == _DIR):
                 raise ValueError(f"duplicate name turns a {EntryType(old_kind).label} into a {kind.label}")
             if old_kind == _DIR:
@@ -345,28 +363,28 @@ class _Builder:
         self._fill(i, e, kind, mode)
 
     def _fill(self, i: int, e: dict[str, Any], kind: EntryType, mode: int) -> None:
-        row = self.rows[i]
-        row[_MODE] = mode
+        cols = self.cols
+        cols[_MODE][i] = mode
         uid = e.get("uid", 0)
         gid = e.get("gid", 0)
         if uid.__class__ is not int or not 0 <= uid <= MAX_U32:
             raise ValueError(f"uid {uid!r} is not an integer in [0, {MAX_U32}]")
         if gid.__class__ is not int or not 0 <= gid <= MAX_U32:
             raise ValueError(f"gid {gid!r} is not an integer in [0, {MAX_U32}]")
-        row[_UID] = uid
-        row[_GID] = gid
+        cols[_UID][i] = uid
+        cols[_GID][i] = gid
         uname = e.get("userName")
         if uname:
             if uname.__class__ is not str:
                 raise ValueError("userName is not a string")
             self.uname_by_uid[uid] = self._owner(uname)
-        row[_UNAME] = self.uname_by_uid.get(uid, -1)
+        cols[_UNAME][i] = self.uname_by_uid.get(uid, -1)
         gname = e.get("groupName")
         if gname:
             if gname.__class__ is not str:
                 raise ValueError("groupName is not a string")
             self.gname_by_gid[gid] = self._owner(gname)
-        row[_GNAME] = self.gname_by_gid.get(gid, -1)
+        cols[_GNAME][i] = self.gname_by_gid.get(gid, -1)
         modtime = e.get("modtime")
         if modtime:
             if modtime.__class__ is not str:
@@ -374,12 +392,12 @@ class _Builder:
             t = self.time_cache.get(modtime)
             if t is None:
                 t = self.time_cache[modtime] = parse_time(modtime)
-            row[_MTIME], row[_NSEC] = t
+            cols[_MTIME][i], cols[_NSEC][i] = t
         raw_xattrs = e.get("xattrs")
         if raw_xattrs:
             self.xattrs[i] = parse_xattrs(raw_xattrs)
         if kind == _REG:
-            self._fill_reg(i, row, e)
+            self._fill_reg(i, e)
         elif kind == _SYMLINK:
             target = e.get("linkName")
             if target.__class__ is not str or not target or "\x00" in target:
@@ -391,29 +409,29 @@ class _Builder:
             found = self.by_path.get(target_path)
             if found is None or found == i:
                 raise ValueError(f"hardlink target {target_path!r} is not an earlier entry")
-            link = self.rows[found][_LINK]
+            link = cols[_LINK][found]
             target = link if link >= 0 else found
-            if self.rows[target][_TYPE] == _DIR:
+            if cols[_TYPE][target] == _DIR:
                 raise ValueError(f"hardlink target {target_path!r} is a directory")
-            row[_LINK] = target
+            cols[_LINK][i] = target
             self.hardlinks[target] = self.hardlinks.get(target, 0) + 1
             self._set_link(i, target_path)
         elif kind in (_CHAR, _BLOCK):
-            row[_MAJOR] = uint(e, "devMajor", MAX_U32)
-            row[_MINOR] = uint(e, "devMinor", MAX_U32)
+            cols[_MAJOR][i] = uint(e, "devMajor", MAX_U32)
+            cols[_MINOR][i] = uint(e, "devMinor", MAX_U32)
 
     def _set_link(self, i: int, target: str) -> None:
-        if i != len(self.rows) - 1:
+        if i != len(self.cols[_TYPE]) - 1:
             raise ValueError("a link may not redefine an existing directory")
         if len(target) > MAX_PATH // 4 and len(target.encode("utf-8")) > MAX_PATH:
             raise ValueError(f"linkName is longer than {MAX_PATH} bytes")
         self.links[i] = target
 
-    def _fill_reg(self, i: int, row: list[int], e: dict[str, Any]) -> None:
+    def _fill_reg(self, i: int, e: dict[str, Any]) -> None:
         size = e.get("size", 0)
         if size.__class__ is not int or not 0 <= size <= MAX_U63:
             raise ValueError(f"size {size!r} is not an integer in [0, {MAX_U63}]")
-        row[_SIZE] = size
+        self.cols[_SIZE][i] = size
         digest = e.get("digest")
         if digest is not None:
             self.digests[i] = digest_bytes(digest, "digest")
@@ -429,7 +447,11 @@ class _Builder:
             raise ValueError("chunk entry does not follow a regular file")
         if self.by_path.get(path) != i:
             raise ValueError("chunk entry name differs from the file it follows")
-        self._add_chunk_record(i, self.rows[i][_SIZE], e)
+        self._add_chunk_record(i, self.cols[_SIZE][i], e)
+
+    def _append_chunk(self, file_off: int, size: int, offset: int, end: int, inner: int, flags: int) -> None:
+        for col, value in zip(self.chunks, (file_off, size, offset, end, inner, flags), strict=True):
+            col.append(value)
 
     def _add_chunk_record(self, i: int, size: int, e: dict[str, Any]) -> None:
         file_off = e.get("chunkOffset", 0)
@@ -452,7 +474,7 @@ class _Builder:
         inner = e.get("innerOffset", 0)
         end = e.get("endOffset", 0)
         if chunk_type == "zeros":
-            self.chunks.append((file_off, csize, 0, 0, 0, CHUNK_HOLE))
+            self._append_chunk(file_off, csize, 0, 0, 0, CHUNK_HOLE)
         else:
             if chunk_type not in (None, ""):
                 raise ValueError(f"unknown chunkType {chunk_type!r}")
@@ -465,11 +487,11 @@ class _Builder:
                 raise ValueError(f"offset {offset} is not below the TOC offset {self.toc_offset}")
             if end and not offset < end <= self.toc_offset:
                 raise ValueError(f"endOffset {end} is not in ({offset}, {self.toc_offset}]")
-            self.chunks.append((file_off, csize, offset, end, inner, 0))
+            self._append_chunk(file_off, csize, offset, end, inner, 0)
         chunk_digest = e.get("chunkDigest")
         if chunk_digest is None:
             self.chunk_digests.append(NO_DIGEST)
-            self.chunk_digest_missing.append(len(self.chunks) - 1)
+            self.chunk_digest_missing.append(len(self.chunks[0]) - 1)
         elif chunk_digest == e.get("digest"):
             self.chunk_digests.append(self.digests[i])  # already parsed and validated
         else:
@@ -479,10 +501,8 @@ class _Builder:
     def finish(self) -> TOC:
         if self.current_file >= 0:
             self._check_file_complete(self.current_file)
-        n = len(self.rows)
+        n = len(self.cols[_TYPE])
         toc = TOC()
-        columns = list(zip(*self.rows, strict=True))
-        self.rows = []
         (
             toc._type,
             toc._mode,
@@ -498,20 +518,19 @@ class _Builder:
             toc._parent,
             toc._link,
             chunk_start,
-        ) = (array(code, col) for code, col in zip(_COLUMNS, columns, strict=True))
+        ) = self.cols
+        self.cols = []
         # A file's chunks are appended right after the file entry is created (chunk entries
         # must follow their file), so entry i owns chunks [chunk_start[i], chunk_start[i + 1]).
-        chunk_start.append(len(self.chunks))
+        chunk_start.append(len(self.chunks[0]))
         toc._chunk_start = chunk_start
         dev = array("I", bytes(8 * n))
         dev[0::2] = majors
         dev[1::2] = minors
+        del majors, minors
         toc._dev = dev
-        c_columns = list(zip(*self.chunks, strict=True)) or [()] * 6
+        c_file_off, c_size, c_off, c_end, c_inner, c_flags = self.chunks
         self.chunks = []
-        c_file_off, c_size, c_off, c_end, c_inner, c_flags = (
-            array(code, col) for code, col in zip("QQQQQB", c_columns, strict=True)
-        )
         self._compute_ends(c_off, c_end, c_inner, c_flags)
         self._fill_missing_chunk_digests(chunk_start)
         names = [s.encode("utf-8") for s in self.names]
@@ -544,7 +563,7 @@ class _Builder:
         return toc
 
     def _check_file_complete(self, i: int) -> None:
-        size = self.rows[i][_SIZE]
+        size = self.cols[_SIZE][i]
         if self.current_end != size and size:
             raise TOCError(f"TOC file {self.names[i]!r}: chunks cover {self.current_end} of {size} bytes")
 
@@ -624,10 +643,43 @@ def index_toc_json(
     Raises:
         TOCError: malformed JSON, wrong version, or any entry that breaks the rules above.
     """
+    return index_toc_text(
+        decode_toc_json(data), footer, codec=codec, max_entries=max_entries, max_chunk_size=max_chunk_size
+    )
+
+
+def decode_toc_json(data: bytes) -> str:
+    """The TOC JSON as text (TOCError if it is not UTF-8)."""
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TOCError(f"TOC JSON is not valid UTF-8: {exc}") from None
+
+
+def index_toc_text(
+    text: str,
+    footer: Footer,
+    *,
+    codec: Codec,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+) -> tuple[TOC, dict[str, Any]]:
+    """:func:`index_toc_json` of already decoded JSON text."""
+    return index_toc_pieces(
+        iter((text,)), footer, codec=codec, max_entries=max_entries, max_chunk_size=max_chunk_size
+    )
+
+
+def index_toc_pieces(
+    texts: Iterator[str],
+    footer: Footer,
+    *,
+    codec: Codec,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+) -> tuple[TOC, dict[str, Any]]:
+    """:func:`index_toc_json` of JSON text arriving in pieces, split anywhere (only a window of
+    it is held at a time; errors the pieces raise propagate)."""
     builder = _Builder(footer.toc_offset, max_entries, max_chunk_size)
     # The builder allocates one small list per entry: with the cyclic GC on, every collection
     # rescans all of them (about a quarter of the indexing time at 100k entries). Nothing here
@@ -637,7 +689,7 @@ def index_toc_json(
     gc.disable()
     try:
         try:
-            top = walk_json(text, builder.add)
+            top = walk_json_pieces(texts, builder.add)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             if isinstance(exc, TOCError):
                 raise

@@ -8,6 +8,10 @@ with the threshold fixed at 2 MiB (docs/benchmarks.md, "read path"). :func:`boun
 fixes the threshold, as ``MALLOC_MMAP_THRESHOLD_`` would, so chunk-sized buffers go back to the
 kernel when freed. Not lower: at 256 KiB every 1 MiB FUSE read became an mmap + page faults and
 warm reads ran ~40% slower. Process-wide: the daemon's composition root calls it once at start.
+
+:func:`release_free_memory` hands the free pages inside glibc's heaps back to the kernel
+(``malloc_trim(0)``): after a burst of small allocations such as a TOC index build, the freed
+memory is scattered between live blocks, and glibc returns only a heap's free top on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +24,35 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 2 << 20  # above a FUSE read (1 MiB): those stay on the fast heap path
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        except (OSError, TypeError):
+            return None
+    return _libc
+
+
+def release_free_memory() -> bool:
+    """Return the free memory of every malloc arena to the kernel; False if not glibc.
+
+    Costs a walk over the heaps (milliseconds): call it after a large transient, not per read.
+    Never raises.
+    """
+    libc = _glibc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
 
 
 def bound_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:

@@ -209,3 +209,24 @@ def test_tls_docker_style_certs_directory(tls_registry: TlsRegistry, tmp_path: P
     shutil.copy(tls_registry.dir / "client.key", d / "client.key")
     got = run(lambda: read(tmp_path, tls_registry.host, tls_registry.digest))
     assert got == [tls_registry.blob[o:o + n] for o, n in RANGES]
+
+
+def test_clients_with_default_trust_share_one_tls_context(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[ssl.SSLContext] = []
+    real = httpx.create_ssl_context
+
+    def create_ssl_context(*args: object, **kwargs: object) -> ssl.SSLContext:
+        ctx = real(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(ctx)
+        return ctx
+
+    monkeypatch.setattr(httpx, "create_ssl_context", create_ssl_context)
+    factory = RegistrySourceFactory(config_for(tmp_path))
+    try:
+        clients = {id(factory.client(None, url)) for url in
+                   ("https://a.example/v2/", "https://b.example/v2/", "http://c.example/v2/")}
+        assert len(clients) == 3
+        assert len(made) == 1  # the token client's, shared by the three
+    finally:
+        trio.run(factory.aclose)

@@ -131,3 +131,25 @@ def test_other_content_types_are_not_multipart() -> None:
     assert multipart_boundary("application/octet-stream") is None
     with pytest.raises(SourceError):
         multipart_boundary("multipart/byteranges")
+
+
+@pytest.mark.parametrize("known_size", [True, False])
+def test_response_body_is_held_once(known_size: bool) -> None:
+    import tracemalloc
+
+    from fusefs.sources.registry import _Body
+
+    pieces = [bytes([i]) * 65536 for i in range(64)]  # 4 MiB as h11 hands it over
+    size = sum(map(len, pieces))
+    tracemalloc.start()
+    try:
+        body = _Body(size if known_size else 0)
+        for piece in pieces:
+            body.write(piece)
+        value = body.value()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert value == b"".join(pieces)
+    assert peak < 1.3 * size  # not the buffer plus a copy of it
+    assert _Body(0).value() == b"" and _Body(3).value() == b"\0\0\0"
