@@ -41,6 +41,12 @@ class FetchConfig:
         neighbour_bytes: a miss also takes the uncached chunks right after it in the blob, up
             to this many compressed bytes from the start of the miss, in the same request
             (default 128 KiB; 0 = only what was asked).
+        speculate_file_bytes: a file's first miss also fetches the rest of the file alongside
+            (a request of its own, not waited for) when that is at most this many compressed
+            bytes (default 16 MiB; 0 = off).
+        speculate_dir_bytes: a file's first miss also fetches the small files of its directory
+            alongside, up to this many compressed bytes (default 1 MiB; 0 = off).
+        small_file_bytes: what a small file is for ``speculate_dir_bytes`` (default 64 KiB).
     """
 
     max_range_bytes: int = 16 << 20
@@ -49,6 +55,9 @@ class FetchConfig:
     failure_ttl: float = 2.0
     memory_bytes: int = 32 << 20
     neighbour_bytes: int = 128 << 10
+    speculate_file_bytes: int = 16 << 20
+    speculate_dir_bytes: int = 1 << 20
+    small_file_bytes: int = 64 << 10
 
 
 @dataclass(frozen=True)

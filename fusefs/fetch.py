@@ -36,7 +36,9 @@ from fusefs.writer import CacheWriter
 log = logging.getLogger(__name__)
 
 Buffer: TypeAlias = bytes | memoryview  # fetched bytes, or a view of a coalesced run
+_Run: TypeAlias = tuple[int, int, list[int]]  # blob start, blob end, chunk ids
 SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
+STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on (``collect=False``)
 
 
 class PriorityGate:
@@ -186,6 +188,8 @@ class ChunkFetcher:
         self._integrity_failures = self._source_failures = 0
         self._reads = self._served = 0
         self._ahead_running = False
+        self._parents: array[int] | None = None
+        self._speculated: set[int] = set()  # files and directories whose speculation started
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -237,7 +241,9 @@ class ChunkFetcher:
             if data is None:
                 missing.append(cid)
         if missing:
-            fetched = await self.ensure(missing + self._neighbours(missing[-1], missing[0]))
+            wanted = missing + self._neighbours(missing[-1], missing[0])
+            self._speculate(node, wanted)
+            fetched = await self.ensure(wanted)
             for i, cid in enumerate(cids):
                 if parts[i] is None:
                     lo, hi = self._slice(cid, offset, end)
@@ -271,6 +277,66 @@ class ChunkFetcher:
             out.append(cid)
             end = hi
         return out
+
+    def _speculate(self, node: NodeId, wanted: list[int]) -> None:
+        """On a file's first miss, start fetching what its reader is about to ask for too.
+
+        A program that reads part of a file mostly reads the rest soon (an mmapped library
+        faults its pages in one round trip each), and one that reads a small file from a
+        directory (Python importing a package) reads its siblings next. Both are fetched in one
+        request of their own, alongside the miss and not waited for: a round trip each that the
+        reader then saves. Bounded by ``speculate_file_bytes`` and ``speculate_dir_bytes``;
+        each file and directory is speculated on once.
+        """
+        config = self._config
+        if node in self._speculated:
+            return
+        self._speculated.add(node)
+        index = self.index
+        taken = set(wanted)
+        todo: list[int] = []
+        if config.speculate_file_bytes > 0:
+            rest = self._fetchable(index.chunk_ids(node), taken)
+            if rest and self._compressed(rest) <= config.speculate_file_bytes:
+                todo += rest
+        if config.speculate_dir_bytes > 0:
+            if self._parents is None:
+                self._parents = index.parents()
+            directory = NodeId(self._parents[node])
+            if directory not in self._speculated:
+                self._speculated.add(directory)
+                budget = config.speculate_dir_bytes
+                for _, _, child in index.children(directory):
+                    if child == node or not 0 < index.size(child) <= config.small_file_bytes:
+                        continue
+                    cids = self._fetchable(index.chunk_ids(child), taken)
+                    size = self._compressed(cids)
+                    if cids and size <= budget:
+                        todo += cids
+                        budget -= size
+        if todo:
+            trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
+
+    def _fetchable(self, cids: Sequence[int], taken: set[int]) -> list[int]:
+        """Those of ``cids`` not taken, cached, in flight or failing."""
+        return [cid for cid in cids if cid not in taken and cid not in self._inflight
+                and cid not in self._failures and not self.is_cached(cid)]
+
+    def _compressed(self, cids: Sequence[int]) -> int:
+        total = 0
+        for cid in cids:
+            start, end = self.index.chunk_blob_range(cid)
+            total += end - start
+        return total
+
+    async def _fetch_speculatively(self, cids: list[int]) -> None:
+        # a system task: nothing may escape it (an exception would end the whole trio run)
+        try:
+            await self.ensure(cids, collect=False)
+        except LayerError:
+            pass  # a read that needs these chunks fetches them again and reports the error
+        except Exception:
+            log.exception("layer %s: unexpected error in speculative fetch", self.layer_digest)
 
     def _blob_order(self) -> tuple[array[int], array[int]]:
         """Chunk ids sorted by blob offset, and each chunk's position in that order (built once:
@@ -365,7 +431,7 @@ class ChunkFetcher:
     async def _fetch_ahead(self, cids: list[int]) -> None:
         # a system task: nothing may escape it (an exception would end the whole trio run)
         try:
-            await self.ensure(cids)
+            await self.ensure(cids, collect=False)
         except LayerError:
             pass  # the read that needs these chunks fetches them again and reports the error
         except Exception:
@@ -378,10 +444,13 @@ class ChunkFetcher:
         size = self.index.chunk_size(cid)
         return max(offset, start) - start, min(end, start + size) - start
 
-    async def ensure(self, cids: Sequence[int], *, background: bool = False) -> dict[int, bytes]:
+    async def ensure(self, cids: Sequence[int], *, background: bool = False,
+                     collect: bool = True) -> dict[int, bytes]:
         """Fetch (or join the fetch of) each chunk not cached; return the bytes of each.
 
         ``background``: yield to on-demand fetches, and wait for the gate's background turn.
+        ``collect=False``: return nothing and hold no bytes beyond one request's (prefetch,
+        speculation: the chunks are wanted in the cache, not here).
         Cancellation: waiters whose leader was cancelled fetch again themselves.
         """
         if background:
@@ -389,10 +458,10 @@ class ChunkFetcher:
                 # wait before claiming the chunks: a reader must never wait on a background
                 # fetch that is itself waiting out the gate's silence
                 await self._gate.wait_idle()
-                return await self._ensure(cids, True)
-        return await self._ensure(cids, False)
+                return await self._ensure(cids, True, collect)
+        return await self._ensure(cids, False, collect)
 
-    async def _ensure(self, cids: Sequence[int], background: bool) -> dict[int, bytes]:
+    async def _ensure(self, cids: Sequence[int], background: bool, collect: bool) -> dict[int, bytes]:
         result: dict[int, bytes] = {}
         pending = list(dict.fromkeys(cids))
         while pending:
@@ -409,6 +478,10 @@ class ChunkFetcher:
                 if flight is not None:
                     theirs.append((cid, flight))
                     continue
+                if not collect:
+                    if not (self.is_cached(cid) or cid in self._recent):
+                        mine.append(cid)
+                    continue
                 cached = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
                 if cached is None:
                     cached = self._held(cid)
@@ -418,27 +491,29 @@ class ChunkFetcher:
                     mine.append(cid)
             pending = []
             if mine:
-                result.update(await self._lead(mine, background))
+                result.update(await self._lead(mine, background, collect))
             for cid, flight in theirs:
                 await flight.event.wait()
                 if flight.error is not None:
                     raise _again(flight.error)
                 if flight.data is None:  # the leader was cancelled: try again
                     pending.append(cid)
-                else:
+                elif collect:
                     result[cid] = flight.data
         return result
 
-    async def _lead(self, cids: list[int], background: bool) -> dict[int, bytes]:
+    async def _lead(self, cids: list[int], background: bool, collect: bool) -> dict[int, bytes]:
         flights = {cid: _Flight(trio.Event()) for cid in cids}
         self._inflight.update(flights)
+        result: dict[int, bytes] = {}
+        # without a caller for the bytes, each request is a bounded step, and its flights end
+        # with it: decoded chunks then live as long as their waiters, not the whole call
+        limit = self._config.max_range_bytes if collect else min(self._config.max_range_bytes, STEP_BYTES)
         try:
             chunks = {cid: self.index.chunk(cid) for cid in cids}
-            runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks)
+            runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks, limit)
             first_error: LayerError | None = None
-            step = self._config.max_ranges_per_read
-            for i in range(0, len(runs), step):
-                batch = runs[i:i + step]
+            for batch in self._batches(runs, None if collect else limit):
                 try:
                     blobs = await self._read_ranges([(s, e - s) for s, e, _ in batch], background)
                 except SourceError as exc:
@@ -457,9 +532,17 @@ class ChunkFetcher:
                                                      flights[cid])
                         first_error = first_error or error
                     del whole
+                for _, _, members in batch:
+                    for cid in members:
+                        flight = flights.pop(cid)
+                        if collect and flight.data is not None:
+                            result[cid] = flight.data
+                        if self._inflight.get(cid) is flight:
+                            del self._inflight[cid]
+                        flight.event.set()
             if first_error is not None:
                 raise first_error
-            return {cid: f.data for cid, f in flights.items() if f.data is not None}
+            return result
         finally:
             for cid, flight in flights.items():
                 if self._inflight.get(cid) is flight:
@@ -499,10 +582,24 @@ class ChunkFetcher:
         flight.error = exc
         self._failures[cid] = (time.monotonic() + self._config.failure_ttl, exc)
 
-    def _runs(self, ordered: list[int], chunks: dict[int, Chunk]) -> list[tuple[int, int, list[int]]]:
+    def _batches(self, runs: list[_Run], max_bytes: int | None) -> Iterator[list[_Run]]:
+        """Runs in requests of at most ``max_ranges_per_read`` ranges (and ``max_bytes``)."""
+        batch: list[_Run] = []
+        size = 0
+        for run in runs:
+            length = run[1] - run[0]
+            if batch and (len(batch) == self._config.max_ranges_per_read
+                          or (max_bytes is not None and size + length > max_bytes)):
+                yield batch
+                batch, size = [], 0
+            batch.append(run)
+            size += length
+        if batch:
+            yield batch
+
+    def _runs(self, ordered: list[int], chunks: dict[int, Chunk], limit: int) -> list[_Run]:
         """Group chunks into ``(blob start, blob end, chunk ids)`` runs of adjacent blob ranges."""
-        runs: list[tuple[int, int, list[int]]] = []
-        limit = self._config.max_range_bytes
+        runs: list[_Run] = []
         for cid in ordered:
             c = chunks[cid]
             if runs:

@@ -542,6 +542,22 @@ class LayerIndex:
         for pos in range(start, self._child_count[parent]):
             yield pos, self._entry_name(base + pos), NodeId(self._e_node[base + pos])
 
+    def parents(self) -> array[int]:
+        """Each node's directory (the first one for a hardlinked file; the root's is itself).
+
+        Built on each call (one pass over the entries): callers that need it keep it.
+        """
+        parent = array("I", bytes(4 * self.node_count))
+        seen = bytearray(self.node_count)
+        for d in range(self.node_count):
+            start = self._child_start[d]
+            for pos in range(start, start + self._child_count[d]):
+                child = self._e_node[pos]
+                if not seen[child]:
+                    seen[child] = 1
+                    parent[child] = d
+        return parent
+
     def readlink(self, node: NodeId) -> bytes | None:
         return self._targets.get(node)
 

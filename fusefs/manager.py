@@ -238,10 +238,10 @@ class LayerManager:
             step.append(cid)
             size += end - start
             if size >= step_bytes:
-                await fetcher.ensure(step, background=True)
+                await fetcher.ensure(step, background=True, collect=False)
                 step, size = [], 0
         if step:
-            await fetcher.ensure(step, background=True)
+            await fetcher.ensure(step, background=True, collect=False)
 
     def fetcher(self, digest: str) -> ChunkFetcher | None:
         """The fetcher of a mounted layer (statistics, tests)."""

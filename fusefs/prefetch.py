@@ -55,7 +55,7 @@ async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int 
         if config.prefetch and boundary:
             cids = _uncached_in_blob_order(fetcher, boundary)
             if cids:
-                await fetcher.ensure(cids)
+                await fetcher.ensure(cids, collect=False)
                 log.info("layer %s: prefetched %d chunks below blob offset %d",
                          fetcher.layer_digest, len(cids), boundary)
         if config.background:
@@ -98,7 +98,7 @@ async def _background_pass(fetcher: ChunkFetcher, config: PrefetchConfig) -> Non
 async def _one_step(fetcher: ChunkFetcher, config: PrefetchConfig, cids: list[int], nbytes: int) -> None:
     cids = [cid for cid in cids if not fetcher.is_cached(cid)]
     if cids:
-        await fetcher.ensure(cids, background=True)
+        await fetcher.ensure(cids, background=True, collect=False)
         await fetcher.flush()  # paces background fetch to the disk, and tells what was kept
         if not all(fetcher.is_cached(cid) for cid in cids):
             raise _CacheFull

@@ -88,7 +88,8 @@ def fusefs_config(cfg: Config, userxattr: bool) -> fusefs_config_mod.FusefsConfi
         fetch=fusefs_config_mod.FetchConfig(
             max_range_bytes=fetch.max_range_bytes, max_ranges_per_read=fetch.max_ranges_per_read,
             thread_threshold=fetch.thread_threshold, failure_ttl=fetch.failure_ttl,
-            neighbour_bytes=fetch.neighbour_bytes,
+            neighbour_bytes=fetch.neighbour_bytes, speculate_file_bytes=fetch.speculate_file_bytes,
+            speculate_dir_bytes=fetch.speculate_dir_bytes, small_file_bytes=fetch.small_file_bytes,
             memory_bytes=cache.memory_bytes),
         prefetch=fusefs_config_mod.PrefetchConfig(
             prefetch=not prefetch.noprefetch, background=not prefetch.no_background_fetch,

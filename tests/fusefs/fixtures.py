@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusefs.config import FetchConfig
 from tests.fusefs.contract import Case
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "estargz" / "ctr-remote"
@@ -40,3 +41,7 @@ def layer_case(variant: str, layer: int) -> Case:
 
 
 CASES = tuple(layer_case(v, n) for v in VARIANTS for n in (0, 1))
+
+
+#: the miss path alone, no speculative fetches: for tests that count the requests a read makes
+MISS_ONLY = FetchConfig(speculate_file_bytes=0, speculate_dir_bytes=0)

@@ -21,7 +21,7 @@ from fusefs.formats.estargz import read_estargz
 from fusefs.index import LayerIndex, NodeId
 from fusefs.sources.file import FileSource
 from tests.fusefs import contract
-from tests.fusefs.fixtures import layer_case
+from tests.fusefs.fixtures import MISS_ONLY, layer_case
 
 # 1 MiB chunks: data/random-5MiB.bin is 6 chunks, adjacent in the blob
 CASE = layer_case("esgz-prefetch", 0)
@@ -53,6 +53,8 @@ def _setup(tmp_path: Path, blob: Path | None = None, silence: float = 0.0, **fet
     source = GatedSource(blob or CASE.blob, CASE.digest)
     index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
     cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    # speculation off unless asked: these tests count the requests of the miss path itself
+    fetch = {"speculate_file_bytes": 0, "speculate_dir_bytes": 0, **fetch}
     fetcher = ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(**fetch),  # type: ignore[arg-type]
                            PriorityGate(silence))
     return index, source, fetcher
@@ -228,7 +230,7 @@ def test_chunks_the_cache_cannot_keep_are_not_refetched_per_small_read(tmp_path:
     index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
     cache = ChunkCache(CacheConfig(tmp_path / "cache", max_bytes=1000, fsync=False))
     cache.pin(CASE.digest)
-    fetcher = ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(), PriorityGate())
+    fetcher = ChunkFetcher(CASE.digest, index, source, cache, MISS_ONLY, PriorityGate())
     node = _node(index, BIG)
     size = index.attr(node).size
 

@@ -17,12 +17,13 @@ import trio
 import estargz
 from fusefs import prefetch
 from fusefs.cache import ChunkCache
-from fusefs.config import CacheConfig, FetchConfig, PrefetchConfig
+from fusefs.config import CacheConfig, PrefetchConfig
 from fusefs.fetch import ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
 from fusefs.index import LayerIndex
 from fusefs.sources.file import FileSource
 from fusefs.sources.replay import RecordingSource
+from tests.fusefs.fixtures import MISS_ONLY
 
 LABEL_SIZE = 10 << 20  # what ``ctr-remote rpull`` puts in ``remote/stargz.prefetch``
 FILES = {
@@ -61,7 +62,7 @@ class _Layer:
         self.cache.pin(digest)
         self.cache.save_index(digest, recorder.dump())
         self.index_bytes = self.source.counters.bytes
-        self.fetcher = ChunkFetcher(digest, self.index, self.source, self.cache, FetchConfig(),
+        self.fetcher = ChunkFetcher(digest, self.index, self.source, self.cache, MISS_ONLY,
                                     PriorityGate())
 
     def fetched(self) -> int:

@@ -12,13 +12,13 @@ import trio.testing
 
 from fusefs.cache import ChunkCache
 from fusefs.config import CacheConfig, FetchConfig
-from fusefs.fetch import ChunkFetcher, PriorityGate
+from fusefs.fetch import STEP_BYTES, ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
 from fusefs.index import LayerIndex, NodeId
 from fusefs.readahead import READ_AHEAD_KIB, session_device
 from fusefs.sources.file import FileSource
 from tests.fusefs import contract
-from tests.fusefs.fixtures import FIXTURES, layer_case
+from tests.fusefs.fixtures import FIXTURES, MISS_ONLY, layer_case
 from tests.fusefs.fuse_client import FuseServer, force_unmount
 
 # 1 MiB chunks: data/random-5MiB.bin is 6 chunks, adjacent in the blob
@@ -41,12 +41,12 @@ def _setup(tmp_path: Path) -> tuple[LayerIndex, CountingSource, ChunkFetcher, No
     source = CountingSource(CASE.blob, CASE.digest)
     index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
     cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
-    fetcher = ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(), PriorityGate())
+    fetcher = ChunkFetcher(CASE.digest, index, source, cache, MISS_ONLY, PriorityGate())
     node = next(n for p, n in index.walk() if p == BIG)
     return index, source, fetcher, node
 
 
-def test_sequential_reads_fetch_the_following_chunks_in_one_request(tmp_path: Path) -> None:
+def test_sequential_reads_fetch_the_following_chunks_ahead_in_steps(tmp_path: Path) -> None:
     index, source, fetcher, node = _setup(tmp_path)
     chunks = list(index.chunk_ids(node))
     assert len(chunks) == 6
@@ -62,11 +62,15 @@ def test_sequential_reads_fetch_the_following_chunks_in_one_request(tmp_path: Pa
 
     data = trio.run(main)
     assert len(data) == 256 << 10
-    # the chunk read, then one request for the rest of the file (5 chunks, within the window)
-    assert len(source.calls) == 2 and len(source.calls[1]) == 1
+    # the chunk read, then the rest of the file (5 chunks, within the window) in contiguous
+    # requests of at most STEP_BYTES each: as few as that bound allows
     start = index.chunk_blob_range(chunks[1])[0]
     end = index.chunk_blob_range(chunks[-1])[1]
-    assert source.calls[1][0] == (start, end - start)
+    ahead = source.calls[1:]
+    assert all(len(call) == 1 and call[0][1] <= STEP_BYTES for call in ahead)
+    assert [r for (r,) in ahead] == sorted(r for (r,) in ahead)
+    assert ahead[0][0][0] == start and sum(n for ((_, n),) in ahead) == end - start
+    assert len(ahead) == 2  # 5 chunks of ~840 kB: four in the first step, one in the second
     assert all(fetcher.is_cached(cid) for cid in chunks)
     calls = len(source.calls)
     tail = trio.run(fetcher.read, node, 3 * MIB, 2 * MIB)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import trio
 import trio.testing
 
 from fusefs.cache import ChunkCache
-from fusefs.config import CacheConfig, FetchConfig
+from fusefs.config import CacheConfig
 from fusefs.fetch import ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
 from fusefs.sources.file import FileSource
 from fusefs.writer import CacheWriter
-from tests.fusefs.fixtures import layer_case
+from tests.fusefs.fixtures import MISS_ONLY, layer_case
 from tests.fusefs.test_fusefs_fetch import BIG, CASE, GatedSource, _node
 
 
@@ -36,7 +37,7 @@ def _fetcher(tmp_path: Path, cache: ChunkCache, writer: CacheWriter | None = Non
              ) -> tuple[GatedSource, ChunkFetcher]:
     source = GatedSource(CASE.blob, CASE.digest)
     index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
-    return source, ChunkFetcher(CASE.digest, index, source, cache, FetchConfig(neighbour_bytes=0),
+    return source, ChunkFetcher(CASE.digest, index, source, cache, replace(MISS_ONLY, neighbour_bytes=0),
                                 PriorityGate(), writer)
 
 
