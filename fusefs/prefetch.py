@@ -47,9 +47,10 @@ async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int 
     landmark_end = fetcher.index.prefetch_end
     boundary = landmark_end if landmark_end is not None else prefetch_size
     try:
-        # free (no request) even with prefetch and background fetch off, except the straddling
-        # chunk's head, which only background fetch asks for
-        adopted = await fetcher.adopt_index_reads(fetch_head=config.background)
+        # free (no request) even with prefetch and background fetch off; the head of the chunk
+        # straddling the index reads is a background request, asked for only after the prefix:
+        # waiting for the gate's silence first held the landmark prefetch back by seconds
+        adopted = await fetcher.adopt_index_reads(fetch_head=False)
         if adopted:
             log.info("layer %s: %d chunks taken from the index reads", fetcher.layer_digest, adopted)
         if config.prefetch and boundary:
@@ -59,6 +60,7 @@ async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int 
                 log.info("layer %s: prefetched %d chunks below blob offset %d",
                          fetcher.layer_digest, len(cids), boundary)
         if config.background:
+            await fetcher.adopt_index_reads(fetch_head=True)
             await _background(fetcher, config)
     except LayerError as exc:
         log.info("layer %s: prefetch/background fetch stopped: %s", fetcher.layer_digest, exc)

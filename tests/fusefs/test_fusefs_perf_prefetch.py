@@ -151,3 +151,22 @@ def test_index_reads_are_adopted_with_prefetch_and_background_off(tmp_path: Path
     assert all(layer.fetcher.is_cached(cid) for cid in layer.index.chunk_ids(node))
     assert trio.run(layer.fetcher.read, node, 0, 150_000) == FILES["tail/last.bin"]
     assert layer.fetched() == 0
+
+
+def test_the_prefix_does_not_wait_for_the_background_silence(tmp_path: Path) -> None:
+    """The straddling chunk's head is a background request: it must not hold the prefix back."""
+    layer = _Layer(tmp_path, prioritized=("etc/conf", "bin/app"))
+    end = layer.index.prefetch_end
+    assert end is not None
+    gate = PriorityGate(silence=3600.0)
+    gate.touch()  # a layer was just mounted: background requests wait an hour
+    layer.fetcher = ChunkFetcher(layer.fetcher.layer_digest, layer.index, layer.source, layer.cache,
+                                 MISS_ONLY, gate)
+    prefix = [cid for cid in range(layer.index.chunk_count) if layer.index.chunk_blob_range(cid)[0] < end]
+
+    async def main() -> None:
+        with trio.move_on_after(5):  # the background part waits out the silence: stop it there
+            await prefetch.run(layer.fetcher, PrefetchConfig(prefetch=True, background=True), LABEL_SIZE)
+        assert all(layer.fetcher.is_cached(cid) for cid in prefix)
+
+    trio.run(main)
