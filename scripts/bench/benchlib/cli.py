@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="cold repetitions per cell (default 3)")
     p.add_argument("--snapshotters", default=",".join(ALL_SNAPSHOTTERS),
                    help="comma-separated subset of %(default)s")
+    p.add_argument("--variants", default="esgz,opt,org",
+                   help="image variants measured with the proxies (default %(default)s)")
     p.add_argument("--no-read", action="store_true", help="skip the read-throughput benchmark")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start benchmark")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md",
@@ -197,7 +199,7 @@ def _bench(args: argparse.Namespace) -> int:
             if not args.no_cold_start:
                 for image in args.images:
                     for sn in measured.values():
-                        for variant in sn.variants:
+                        for variant in (v for v in sn.variants if v in args.variants.split(",")):
                             record(cold_start(env, sn, image, variant, rep))
             if not args.no_read:
                 for sn in measured.values():
