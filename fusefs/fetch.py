@@ -49,7 +49,8 @@ class PriorityGate:
     gaps between them, and a background request that slips into a gap sits in front of the
     next on-demand read on a slow link. Background steps also take turns (``background_turn``):
     one at a time process-wide, so prefetching several layers at once holds one step's buffers,
-    not one per layer; a single stream of multi-MiB requests already fills the link.
+    not one per layer; a single stream of multi-MiB requests already fills the link. Speculative
+    fetches (``speculation``) run two at a time, with on-demand priority.
     """
 
     def __init__(self, silence: float = 0.0) -> None:
@@ -59,6 +60,9 @@ class PriorityGate:
         self._idle.set()
         self._last_busy = -math.inf
         self.background_turn = trio.Lock()
+        # speculative fetches of all layers, two at a time: each holds a step's buffers, and
+        # more would only split the link further between guesses and the reads they serve
+        self.speculation = trio.CapacityLimiter(2)
 
     def touch(self) -> None:
         """Count now as on-demand activity (a layer was just mounted: its reads are coming)."""
@@ -283,7 +287,7 @@ class ChunkFetcher:
 
         A program that reads part of a file mostly reads the rest soon (an mmapped library
         faults its pages in one round trip each), and one that reads a small file from a
-        directory (Python importing a package) reads its siblings next. Both are fetched in one
+        directory (Python importing a package) reads its small siblings next. Both are fetched in one
         request of their own, alongside the miss and not waited for: a round trip each that the
         reader then saves. Bounded by ``speculate_file_bytes`` and ``speculate_dir_bytes``;
         each file and directory is speculated on once.
@@ -299,7 +303,9 @@ class ChunkFetcher:
             rest = self._fetchable(index.chunk_ids(node), taken)
             if rest and self._compressed(rest) <= config.speculate_file_bytes:
                 todo += rest
-        if config.speculate_dir_bytes > 0:
+        # only a small file speaks for its siblings: a library's first page is read from
+        # directories (/usr/lib) whose other small files mostly stay unread
+        if config.speculate_dir_bytes > 0 and index.size(node) <= config.small_file_bytes:
             if self._parents is None:
                 self._parents = index.parents()
             directory = NodeId(self._parents[node])
@@ -332,7 +338,8 @@ class ChunkFetcher:
     async def _fetch_speculatively(self, cids: list[int]) -> None:
         # a system task: nothing may escape it (an exception would end the whole trio run)
         try:
-            await self.ensure(cids, collect=False)
+            async with self._gate.speculation:
+                await self.ensure(cids, collect=False)
         except LayerError:
             pass  # a read that needs these chunks fetches them again and reports the error
         except Exception:

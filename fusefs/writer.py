@@ -23,7 +23,7 @@ from fusefs.cache import ChunkCache
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET = 16 << 20
+DEFAULT_BUDGET = 8 << 20
 _BATCH_BYTES = 4 << 20
 
 

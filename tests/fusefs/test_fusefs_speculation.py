@@ -105,3 +105,16 @@ def test_the_directory_budget_bounds_what_is_taken(tmp_path: Path) -> None:
         assert not _cached(fetcher, "data/exactly-4096.bin")
 
     trio.run(main)
+
+
+def test_a_large_file_does_not_speak_for_its_directory(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, replace(ON, speculate_file_bytes=0, small_file_bytes=8192))
+    node = _node(fetcher.index, BIG)
+
+    async def main() -> None:
+        await fetcher.read(node, 0, 4096)
+        await trio.sleep(0.1)
+        assert len(source.calls) == 1
+        assert not _cached(fetcher, "data/exactly-4096.bin")
+
+    trio.run(main)
