@@ -40,7 +40,7 @@ class FetchConfig:
             refetch it (default 32 MiB).
         neighbour_bytes: a miss also takes the uncached chunks right after it in the blob, up
             to this many compressed bytes from the start of the miss, in the same request
-            (default 128 KiB; 0 = only what was asked).
+            (default 32 KiB; 0 = only what was asked).
         speculate_file_bytes: a file's first miss also fetches the rest of the file alongside
             (a request of its own, not waited for) when that is at most this many compressed
             bytes (default 16 MiB; 0 = off).
@@ -54,7 +54,7 @@ class FetchConfig:
     thread_threshold: int = 64 << 10
     failure_ttl: float = 2.0
     memory_bytes: int = 32 << 20
-    neighbour_bytes: int = 128 << 10
+    neighbour_bytes: int = 32 << 10
     speculate_file_bytes: int = 16 << 20
     speculate_dir_bytes: int = 1 << 20
     small_file_bytes: int = 64 << 10

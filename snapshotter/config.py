@@ -100,7 +100,7 @@ class FetchConfig:
                                     "thread", "bytes", min=0, max=1 << 30)
     failure_ttl: float = setting(2.0, "a chunk that failed to fetch fails fast for this long", "seconds",
                                  min=0.0, max=3600.0)
-    neighbour_bytes: int = setting(128 << 10, "a miss also takes the uncached chunks right after it in the "
+    neighbour_bytes: int = setting(32 << 10, "a miss also takes the uncached chunks right after it in the "
                                    "blob, up to this many bytes, in the same request", "bytes",
                                    min=0, max=1 << 30)
     speculate_file_bytes: int = setting(16 << 20, "a file's first miss also fetches the rest of the file "
