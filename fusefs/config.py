@@ -45,7 +45,7 @@ class FetchConfig:
             (a request of its own, not waited for) when that is at most this many compressed
             bytes (default 16 MiB; 0 = off).
         speculate_dir_bytes: a file's first miss also fetches the small files of its directory
-            alongside, up to this many compressed bytes (default 1 MiB; 0 = off).
+            alongside, up to this many compressed bytes (default 512 KiB; 0 = off).
         small_file_bytes: what a small file is for ``speculate_dir_bytes`` (default 64 KiB).
     """
 
@@ -56,7 +56,7 @@ class FetchConfig:
     memory_bytes: int = 32 << 20
     neighbour_bytes: int = 32 << 10
     speculate_file_bytes: int = 16 << 20
-    speculate_dir_bytes: int = 1 << 20
+    speculate_dir_bytes: int = 512 << 10
     small_file_bytes: int = 64 << 10
 
 

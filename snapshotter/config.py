@@ -106,7 +106,7 @@ class FetchConfig:
     speculate_file_bytes: int = setting(16 << 20, "a file's first miss also fetches the rest of the file "
                                         "alongside (not waited for) when it is at most this many "
                                         "compressed bytes; 0 = off", "bytes", min=0, max=1 << 30)
-    speculate_dir_bytes: int = setting(1 << 20, "a file's first miss also fetches the small files of its "
+    speculate_dir_bytes: int = setting(512 << 10, "a file's first miss also fetches the small files of its "
                                        "directory alongside, up to this many compressed bytes; 0 = off",
                                        "bytes", min=0, max=1 << 30)
     small_file_bytes: int = setting(64 << 10, "the largest file `speculate_dir_bytes` counts as small",
