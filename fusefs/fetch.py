@@ -336,14 +336,18 @@ class ChunkFetcher:
         return total
 
     async def _fetch_speculatively(self, cids: list[int]) -> None:
-        # a system task: nothing may escape it (an exception would end the whole trio run)
+        async with self._gate.speculation:
+            await self._fetch_unwaited(cids, "speculative fetch")
+
+    async def _fetch_unwaited(self, cids: list[int], what: str) -> None:
+        """Fetch ``cids`` into the cache for nobody in particular (a system task's body)."""
+        # nothing may escape a system task: an exception would end the whole trio run
         try:
-            async with self._gate.speculation:
-                await self.ensure(cids, collect=False)
+            await self.ensure(cids, collect=False)
         except LayerError:
             pass  # a read that needs these chunks fetches them again and reports the error
         except Exception:
-            log.exception("layer %s: unexpected error in speculative fetch", self.layer_digest)
+            log.exception("layer %s: unexpected error in %s", self.layer_digest, what)
 
     def _blob_order(self) -> tuple[array[int], array[int]]:
         """Chunk ids sorted by blob offset, and each chunk's position in that order (built once:
@@ -436,13 +440,8 @@ class ChunkFetcher:
             trio.lowlevel.spawn_system_task(self._fetch_ahead, todo)
 
     async def _fetch_ahead(self, cids: list[int]) -> None:
-        # a system task: nothing may escape it (an exception would end the whole trio run)
         try:
-            await self.ensure(cids, collect=False)
-        except LayerError:
-            pass  # the read that needs these chunks fetches them again and reports the error
-        except Exception:
-            log.exception("layer %s: unexpected error in sequential read-ahead", self.layer_digest)
+            await self._fetch_unwaited(cids, "sequential read-ahead")
         finally:
             self._ahead_running = False
 

@@ -52,7 +52,6 @@ class CacheWriter:
         self._wake = trio.Event()
         self._changed = trio.lowlevel.ParkingLot()  # room freed, or everything written
         self._worker_run: trio.lowlevel.TrioToken | None = None  # the trio run the worker lives in
-        self.batches = 0
 
     @property
     def pending(self) -> int:
@@ -94,7 +93,6 @@ class CacheWriter:
                     log.exception("cache writer: unexpected error storing %d chunks", len(batch))
                     kept = [False] * len(batch)
                 self._writing = 0
-                self.batches += 1
                 for item, ok in zip(batch, kept, strict=True):
                     try:
                         item.done(ok)
