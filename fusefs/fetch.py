@@ -496,8 +496,10 @@ class ChunkFetcher:
                 else:
                     mine.append(cid)
             pending = []
-            if mine:
-                result.update(await self._lead(mine, background, collect))
+            if mine and collect:
+                result.update(await self._lead(mine, background, True))
+            elif mine:
+                await self._lead_in_steps(mine, background)
             for cid, flight in theirs:
                 await flight.event.wait()
                 if flight.error is not None:
@@ -508,12 +510,47 @@ class ChunkFetcher:
                     result[cid] = flight.data
         return result
 
+    async def _lead_in_steps(self, cids: list[int], background: bool) -> None:
+        """Fetch ``cids`` (in blob order) one request of ``STEP_BYTES`` after another.
+
+        Only the current step's chunks are in flight: a reader who needs a chunk of a later
+        step fetches it at once rather than waiting behind the steps before it, and the step
+        that would have held it skips it.
+        """
+        ordered = sorted(cids, key=self.index.chunk_blob_range)
+        joined: list[_Flight] = []  # chunks a reader took over: waited for at the end
+
+        async def fetch(step: list[int]) -> None:
+            todo: list[int] = []
+            for cid in step:
+                flight = self._inflight.get(cid)
+                if flight is not None:
+                    joined.append(flight)
+                elif cid not in self._failures and not self.is_cached(cid) and cid not in self._recent:
+                    todo.append(cid)
+            if todo:
+                await self._lead(todo, background, False)
+
+        step: list[int] = []
+        size = 0
+        for cid in ordered:
+            start, end = self.index.chunk_blob_range(cid)
+            if step and size + end - start > STEP_BYTES:
+                await fetch(step)
+                step, size = [], 0
+            step.append(cid)
+            size += end - start
+        if step:
+            await fetch(step)
+        for flight in joined:
+            await flight.event.wait()
+
     async def _lead(self, cids: list[int], background: bool, collect: bool) -> dict[int, bytes]:
         flights = {cid: _Flight(trio.Event()) for cid in cids}
         self._inflight.update(flights)
         result: dict[int, bytes] = {}
-        # without a caller for the bytes, each request is a bounded step, and its flights end
-        # with it: decoded chunks then live as long as their waiters, not the whole call
+        # without a caller for the bytes, each request is a bounded step, so the compressed
+        # bytes held at once stay small however many chunks the call covers
         limit = self._config.max_range_bytes if collect else min(self._config.max_range_bytes, STEP_BYTES)
         try:
             chunks = {cid: self.index.chunk(cid) for cid in cids}
@@ -526,53 +563,91 @@ class ChunkFetcher:
                     self._source_failures += 1
                     for _, _, members in batch:
                         for cid in members:
-                            self._fail(cid, flights[cid], exc)
+                            flight = flights.pop(cid)
+                            self._fail(cid, flight, exc)
+                            self._land(cid, flight)
                     first_error = first_error or exc
                     continue
                 for (start, _, members), blob in zip(batch, blobs, strict=True):
                     # a run of several chunks: decode views of it, not copies (bounded memory)
                     whole: Buffer = blob if len(members) == 1 else memoryview(blob)
+                    if not collect:
+                        error = await self._complete_stored(start, whole, members, chunks, flights)
+                        first_error = first_error or error
+                        del whole
+                        continue
                     for cid in members:
                         c = chunks[cid]
+                        flight = flights[cid]
                         error = await self._complete(cid, c, whole[c.blob_offset - start:c.blob_end - start],
-                                                     flights[cid])
+                                                     flight)
+                        del flights[cid]
                         first_error = first_error or error
-                    del whole
-                for _, _, members in batch:
-                    for cid in members:
-                        flight = flights.pop(cid)
                         if collect and flight.data is not None:
                             result[cid] = flight.data
-                        if self._inflight.get(cid) is flight:
-                            del self._inflight[cid]
-                        flight.event.set()
+                        # each chunk's waiters go on as soon as it is ready, and without a
+                        # caller for the bytes, nothing here keeps them past the cache writer
+                        self._land(cid, flight)
+                    del whole
             if first_error is not None:
                 raise first_error
             return result
         finally:
             for cid, flight in flights.items():
-                if self._inflight.get(cid) is flight:
-                    del self._inflight[cid]
-                flight.event.set()
+                self._land(cid, flight)
+
+    def _land(self, cid: int, flight: _Flight) -> None:
+        """End a flight: its waiters take its bytes, its error, or (neither) fetch again."""
+        if self._inflight.get(cid) is flight:
+            del self._inflight[cid]
+        flight.event.set()
 
     async def _complete(self, cid: int, c: Chunk, compressed: Buffer, flight: _Flight) -> LayerError | None:
         """Decode, verify and cache one fetched chunk into its flight; return its error if any."""
         try:
             data = await self._decode(c, compressed)
-        except IntegrityError as exc:
-            self._integrity_failures += 1
-            log.warning("layer %s: chunk at blob offset %d (file offset %d, sha256:%s) failed "
-                        "verification: %s", self.layer_digest, c.blob_offset, c.file_offset,
-                        c.digest_hex, exc)
-            self._fail(cid, flight, exc)
-            return exc
         except LayerError as exc:
-            self._fail(cid, flight, exc)
+            self._failed(cid, c, flight, exc)
             return exc
         flight.data = data
         self._chunks += 1
         await self._store(cid, data)
         return None
+
+    async def _complete_stored(self, start: int, whole: Buffer, members: list[int], chunks: dict[int, Chunk],
+                               flights: dict[int, _Flight]) -> LayerError | None:
+        """Decode, verify and store a run of chunks nobody waits on, in one worker thread.
+
+        Each decoded chunk is written and dropped before the next is decoded: such fetches
+        (prefetch, speculation) hold one chunk's bytes at a time, not a queue of them at the
+        writer. Their waiters, if any, find the chunks in the cache. Returns the first error.
+        """
+        key = self.index.chunk_key
+        work = [(chunks[cid], key(cid), whole[chunks[cid].blob_offset - start:chunks[cid].blob_end - start])
+                for cid in members]
+        outcomes = await trio.to_thread.run_sync(_decode_and_store, self._cache, self.layer_digest, work)
+        first_error: LayerError | None = None
+        for cid, outcome in zip(members, outcomes, strict=True):
+            flight = flights.pop(cid)
+            if isinstance(outcome, LayerError):
+                self._failed(cid, chunks[cid], flight, outcome)
+                first_error = first_error or outcome
+            else:
+                self._chunks += 1
+                if outcome is not None:  # verified, but the cache did not keep it
+                    self.not_kept += 1
+                    self._hold(cid, outcome)
+                    flight.data = outcome
+            self._land(cid, flight)
+        return first_error
+
+    def _failed(self, cid: int, c: Chunk, flight: _Flight, exc: LayerError) -> None:
+        if isinstance(exc, IntegrityError):
+            self._integrity_failures += 1
+            log.warning("layer %s: chunk at blob offset %d (file offset %d, sha256:%s) failed "
+                        "verification: %s", self.layer_digest, c.blob_offset, c.file_offset,
+                        c.digest_hex, exc)
+        self._fail(cid, flight, exc)
 
     async def _store(self, cid: int, data: bytes) -> None:
         self._writing[cid] = data
@@ -641,3 +716,19 @@ class ChunkFetcher:
         if len(compressed) >= self._config.thread_threshold:
             return await trio.to_thread.run_sync(codecs.decode, chunk, compressed)
         return codecs.decode(chunk, compressed)
+
+
+def _decode_and_store(cache: ChunkCache, layer_digest: str,
+                      work: list[tuple[Chunk, str, Buffer]]) -> list[LayerError | bytes | None]:
+    """Worker thread: decode, verify and store each chunk; per chunk, None (stored), its bytes
+    (verified, not kept) or the error."""
+    outcomes: list[LayerError | bytes | None] = []
+    for chunk, key, compressed in work:
+        try:
+            data = codecs.decode(chunk, compressed)
+        except LayerError as exc:
+            outcomes.append(exc)
+            continue
+        outcomes.append(None if cache.put(layer_digest, key, data) else data)
+        del data  # not alive while the next chunk decodes
+    return outcomes

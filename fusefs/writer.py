@@ -47,7 +47,7 @@ class CacheWriter:
         self._cache = cache
         self._budget = budget
         self._queue: deque[_Write] = deque()
-        self._queued_bytes = 0
+        self._queued_bytes = 0  # queued or being written: what the writer holds alive
         self._writing = 0  # items taken by the worker and not yet done
         self._wake = trio.Event()
         self._changed = trio.lowlevel.ParkingLot()  # room freed, or everything written
@@ -60,15 +60,15 @@ class CacheWriter:
 
     async def submit(self, layer_digest: str, key: str, data: bytes, done: Callable[[bool], None]) -> None:
         """Queue a verified chunk; ``done(kept)`` is called on the trio thread once it is stored
-        (or not kept: cache full, or a disk error). Waits while the queue is over budget."""
-        while self._queued_bytes >= self._budget:
-            await self._changed.park()
+        (or not kept: cache full, or a disk error). Waits while the writer is over budget."""
         run = trio.lowlevel.current_trio_token()
         if self._worker_run is not run:  # first use, or a new trio run (tests): the old worker is gone
             self._worker_run = run
             self._queue.clear()
             self._queued_bytes = self._writing = 0
             trio.lowlevel.spawn_system_task(self._run, name="lazysnap cache writer")
+        while self._queued_bytes and self._queued_bytes + len(data) > self._budget:
+            await self._changed.park()
         self._queue.append(_Write(layer_digest, key, data, done))
         self._queued_bytes += len(data)
         self._wake.set()
@@ -93,6 +93,7 @@ class CacheWriter:
                     log.exception("cache writer: unexpected error storing %d chunks", len(batch))
                     kept = [False] * len(batch)
                 self._writing = 0
+                self._queued_bytes -= sum(len(item.data) for item in batch)
                 for item, ok in zip(batch, kept, strict=True):
                     try:
                         item.done(ok)
@@ -107,7 +108,6 @@ class CacheWriter:
             item = self._queue.popleft()
             batch.append(item)
             size += len(item.data)
-        self._queued_bytes -= size
         self._writing = len(batch)
         return batch
 

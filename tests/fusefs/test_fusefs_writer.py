@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -65,19 +66,20 @@ def test_a_chunk_is_served_before_it_is_written_and_never_fetched_twice(tmp_path
 
 def test_the_queue_is_bounded(tmp_path: Path) -> None:
     cache = SlowDiskCache(CacheConfig(tmp_path / "cache", fsync=False))
-    writer = CacheWriter(cache, budget=1)  # one chunk queued at a time
+    writer = CacheWriter(cache, budget=25)  # two 10-byte chunks, queued or being written
     done: list[bool] = []
 
     async def main() -> None:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                for i in range(3):
+                for i in range(4):
                     nursery.start_soon(writer.submit, CASE.digest, f"k{i}", b"x" * 10, done.append)
                 await trio.testing.wait_all_tasks_blocked()
-                assert writer.pending <= 2  # one being written, one queued; the third waits
+                # the chunk being written counts: two held, the other two wait
+                assert writer.pending == 2
                 cache.disk.set()
             await writer.flush()
-            assert done == [True, True, True] and writer.pending == 0 and cache.puts == 3
+            assert done == [True] * 4 and writer.pending == 0 and cache.puts == 4
 
     trio.run(main)
 
@@ -112,3 +114,77 @@ def test_a_new_trio_run_gets_a_new_worker(tmp_path: Path) -> None:
     trio.run(one, "a")
     trio.run(one, "b")
     assert done == [True, True]
+
+
+def test_a_chunk_is_served_while_the_rest_of_its_request_waits_for_the_writer(tmp_path: Path) -> None:
+    """Each chunk's waiters go on once it is verified, not when its whole request is stored."""
+    cache = SlowDiskCache(CacheConfig(tmp_path / "cache", fsync=False))
+    source, fetcher = _fetcher(tmp_path, cache)
+    node = _node(fetcher.index, BIG)
+    first, second = fetcher.index.chunk_ids(node)[:2]
+    fetcher._writer = CacheWriter(cache, budget=fetcher.index.chunk_size(first))
+    source.gate = trio.Event()  # hold the request until the reader has joined it
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            got: list[bytes] = []
+
+            async def read_first() -> None:
+                got.append(await fetcher.read(node, 0, 4096))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetcher.ensure, [first, second])  # one request for both
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(read_first)  # joins the flight of the first chunk
+                await trio.testing.wait_all_tasks_blocked()
+                source.gate.set()
+                # the disk holds the first chunk, so the second waits for room in the writer:
+                # the reader of the first has its bytes all the same (decoding runs in a thread,
+                # which trio does not count as blocked: poll)
+                with trio.move_on_after(10):
+                    while not got:
+                        await trio.sleep(0.01)
+                assert cache.puts == 0 and fetcher._writer.pending == 1
+                assert len(got) == 1 and len(got[0]) == 4096
+                assert len(source.calls) == 1
+                cache.disk.set()
+
+    trio.run(main)
+
+
+def test_a_reader_does_not_wait_behind_the_earlier_steps_of_an_unwaited_fetch(tmp_path: Path) -> None:
+    """A fetch nobody waits on claims one step at a time: a chunk of a later step that a reader
+    needs is fetched for the reader at once, and the step skips it."""
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    source, fetcher = _fetcher(tmp_path, cache)
+    node = _node(fetcher.index, BIG)
+    cids = list(fetcher.index.chunk_ids(node))  # six ~840 kB chunks: two steps
+    last = cids[-1]
+    size = fetcher.index.size(node)
+    source.gate = trio.Event()
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            got: list[bytes] = []
+
+            async def read_tail() -> None:
+                got.append(await fetcher.read(node, size - 4096, 4096))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(fetcher.ensure, cids, collect=False))
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(source.calls) == 1 and last not in fetcher._inflight  # the first step only
+                nursery.start_soon(read_tail)
+                await trio.testing.wait_all_tasks_blocked()
+                # the reader asked for its chunk itself, while the first step is still held
+                lo, hi = fetcher.index.chunk_blob_range(last)
+                assert len(source.calls) == 2
+                assert [start <= lo and hi <= start + n for start, n in source.calls[1]] == [True]
+                source.gate.set()
+            assert len(got) == 1 and len(got[0]) == 4096
+            # the second step did not fetch the reader's chunks again
+            fetched = [r for call in source.calls for r in call]
+            assert sum(start <= lo < start + n for start, n in fetched) == 1
+            assert all(fetcher.is_cached(cid) for cid in cids)
+
+    trio.run(main)
