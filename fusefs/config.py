@@ -43,10 +43,13 @@ class FetchConfig:
             (default 32 KiB; 0 = only what was asked).
         speculate_file_bytes: a file's first miss also fetches the rest of the file alongside
             (a request of its own, not waited for) when that is at most this many compressed
-            bytes (default 16 MiB; 0 = off).
-        speculate_dir_bytes: a file's first miss also fetches the small files of its directory
-            alongside, up to this many compressed bytes (default 512 KiB; 0 = off).
+            bytes (default 4 MiB; 0 = off).
+        speculate_dir_bytes: a small file's first miss also fetches the small files of its
+            directory alongside, up to this many compressed bytes (default 0 = off).
         small_file_bytes: what a small file is for ``speculate_dir_bytes`` (default 64 KiB).
+        speculate_scan_bytes: the second file missed in a directory also fetches the first
+            chunk of each sibling whose name ends like one of the two (``.cpython-311.pyc``,
+            ``.so``), up to this many compressed bytes (default 4 MiB; 0 = off).
     """
 
     max_range_bytes: int = 16 << 20
@@ -55,9 +58,10 @@ class FetchConfig:
     failure_ttl: float = 2.0
     memory_bytes: int = 32 << 20
     neighbour_bytes: int = 32 << 10
-    speculate_file_bytes: int = 16 << 20
-    speculate_dir_bytes: int = 512 << 10
+    speculate_file_bytes: int = 4 << 20
+    speculate_dir_bytes: int = 0
     small_file_bytes: int = 64 << 10
+    speculate_scan_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ Buffer: TypeAlias = bytes | memoryview  # fetched bytes, or a view of a coalesce
 _Run: TypeAlias = tuple[int, int, list[int]]  # blob start, blob end, chunk ids
 SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
 STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on (``collect=False``)
+_SCANNED = b"/"  # in ChunkFetcher._scanned: the directory's siblings were speculated on (no name has "/")
 
 
 class PriorityGate:
@@ -194,6 +195,7 @@ class ChunkFetcher:
         self._ahead_running = False
         self._parents: array[int] | None = None
         self._speculated: set[int] = set()  # files and directories whose speculation started
+        self._scanned: dict[int, bytes] = {}  # directory → its first missed file's name suffix
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -320,8 +322,43 @@ class ChunkFetcher:
                     if cids and size <= budget:
                         todo += cids
                         budget -= size
+        if config.speculate_scan_bytes > 0:
+            todo += self._scan(node, taken | set(todo))
         if todo:
             trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
+
+    def _scan(self, node: NodeId, taken: set[int]) -> list[int]:
+        """On the second file missed in a directory, the first chunk of its siblings of the same
+        kind: a program working through a directory (Python importing a package's modules, a
+        loader opening its extension libraries) reads one file after another, a round trip
+        each. Files of a kind share a name suffix (``.cpython-311.pyc``, ``.so``)."""
+        index = self.index
+        if self._parents is None:
+            self._parents = index.parents()
+        directory = NodeId(self._parents[node])
+        seen = self._scanned.get(directory)
+        if seen == _SCANNED:
+            return []
+        name = next((n for _, n, child in index.children(directory) if child == node), b"")
+        suffix = _suffix(name)
+        if seen is None:
+            self._scanned[directory] = suffix
+            return []
+        self._scanned[directory] = _SCANNED
+        kinds = tuple({seen, suffix} - {b""})
+        if not kinds:
+            return []
+        todo: list[int] = []
+        budget = self._config.speculate_scan_bytes
+        for _, sibling_name, child in index.children(directory):
+            if child == node or index.size(child) == 0 or not sibling_name.endswith(kinds):
+                continue
+            head = self._fetchable(index.chunk_ids(child)[:1], taken)
+            size = self._compressed(head)
+            if head and size <= budget:
+                todo += head
+                budget -= size
+        return todo
 
     def _fetchable(self, cids: Sequence[int], taken: set[int]) -> list[int]:
         """Those of ``cids`` not taken, cached, in flight or failing."""
@@ -732,3 +769,9 @@ def _decode_and_store(cache: ChunkCache, layer_digest: str,
         outcomes.append(None if cache.put(layer_digest, key, data) else data)
         del data  # not alive while the next chunk decodes
     return outcomes
+
+
+def _suffix(name: bytes) -> bytes:
+    """What a file name ends with from its first dot on (not a leading one): its kind."""
+    dot = name.find(b".", 1)
+    return name[dot:] if dot > 0 else b""

@@ -103,14 +103,19 @@ class FetchConfig:
     neighbour_bytes: int = setting(32 << 10, "a miss also takes the uncached chunks right after it in the "
                                    "blob, up to this many bytes, in the same request", "bytes",
                                    min=0, max=1 << 30)
-    speculate_file_bytes: int = setting(16 << 20, "a file's first miss also fetches the rest of the file "
+    speculate_file_bytes: int = setting(4 << 20, "a file's first miss also fetches the rest of the file "
                                         "alongside (not waited for) when it is at most this many "
                                         "compressed bytes; 0 = off", "bytes", min=0, max=1 << 30)
-    speculate_dir_bytes: int = setting(512 << 10, "a file's first miss also fetches the small files of its "
-                                       "directory alongside, up to this many compressed bytes; 0 = off",
+    speculate_dir_bytes: int = setting(0, "a small file's first miss also fetches the small files of its "
+                                       "directory alongside, up to this many compressed bytes; 0 = off "
+                                       "(`speculate_scan_bytes` does better for most workloads)",
                                        "bytes", min=0, max=1 << 30)
     small_file_bytes: int = setting(64 << 10, "the largest file `speculate_dir_bytes` counts as small",
                                     "bytes", min=0, max=1 << 30)
+    speculate_scan_bytes: int = setting(4 << 20, "the second file read from a directory also fetches the "
+                                        "first chunk of its siblings of the same kind (name suffix), up "
+                                        "to this many compressed bytes; 0 = off", "bytes",
+                                        min=0, max=1 << 30)
 
 
 @dataclass(frozen=True)

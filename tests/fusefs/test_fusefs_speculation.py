@@ -1,4 +1,5 @@
-"""Speculative fetch on a file's first miss: the rest of the file and its directory's small files.
+"""Speculative fetch on a file's first miss: the rest of the file, its directory's small files, and
+on a directory's second miss the first chunk of the siblings of the same kind.
 
 Each goes out as a request of its own next to the miss, which waits only for its own chunks.
 """
@@ -18,7 +19,11 @@ from fusefs.index import LayerIndex, NodeId
 from fusefs.sources.file import FileSource
 from tests.fusefs.test_fusefs_fetch import BIG, CASE, GatedSource
 
-ON = FetchConfig(neighbour_bytes=0)
+# each kind of speculation alone is switched on by the test that needs it
+ON = FetchConfig(neighbour_bytes=0, speculate_file_bytes=16 << 20, speculate_dir_bytes=512 << 10,
+                 speculate_scan_bytes=0)
+SCAN = FetchConfig(neighbour_bytes=0, speculate_file_bytes=0, speculate_dir_bytes=0,
+                   speculate_scan_bytes=4 << 20)
 
 
 def _fetcher(tmp_path: Path, config: FetchConfig) -> tuple[GatedSource, ChunkFetcher]:
@@ -116,5 +121,44 @@ def test_a_large_file_does_not_speak_for_its_directory(tmp_path: Path) -> None:
         await trio.sleep(0.1)
         assert len(source.calls) == 1
         assert not _cached(fetcher, "data/exactly-4096.bin")
+
+    trio.run(main)
+
+
+def test_a_second_miss_in_a_directory_fetches_the_heads_of_its_siblings_of_that_kind(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, SCAN)
+    index = fetcher.index
+    zeros = index.chunk_ids(_node(index, "data/zeros-1.5MiB.bin"))
+    assert len(zeros) == 2
+
+    async def main() -> None:
+        await fetcher.read(_node(index, "data/exactly-4096.bin"), 0, 4096)
+        await trio.sleep(0.1)
+        assert len(source.calls) == 1  # one miss in data/: no pattern yet
+        await fetcher.read(_node(index, BIG), 0, 4096)  # the second .bin read from data/
+        await _settled(fetcher, source, 3)
+        assert len(source.calls) == 3  # the miss, and the scan alongside
+        # the other .bin file's first chunk came; its second chunk, and other kinds, did not
+        assert fetcher.is_cached(zeros[0]) and not fetcher.is_cached(zeros[1])
+        assert not _cached(fetcher, "data/text-200KiB.txt") and not _cached(fetcher, "data/one-byte")
+        calls = len(source.calls)
+        await fetcher.read(_node(index, "data/text-200KiB.txt"), 0, 4096)  # a third miss: no second scan
+        await trio.sleep(0.1)
+        assert len(source.calls) == calls + 1
+
+    trio.run(main)
+
+
+def test_a_scan_keeps_to_its_budget(tmp_path: Path) -> None:
+    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    head = index.chunk_blob_range(index.chunk_ids(_node(index, "data/zeros-1.5MiB.bin"))[0])
+    source, fetcher = _fetcher(tmp_path, replace(SCAN, speculate_scan_bytes=head[1] - head[0] - 1))
+
+    async def main() -> None:
+        await fetcher.read(_node(index, "data/exactly-4096.bin"), 0, 4096)
+        await fetcher.read(_node(index, BIG), 0, 4096)
+        await trio.sleep(0.1)
+        assert len(source.calls) == 2  # the only candidate is over the budget
+        assert not any(fetcher.is_cached(c) for c in index.chunk_ids(_node(index, "data/zeros-1.5MiB.bin")))
 
     trio.run(main)
