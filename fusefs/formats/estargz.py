@@ -1,10 +1,11 @@
 """eStargz and zstd:chunked layers → LayerIndex, through the ``estargz`` format library.
 
 Reads the blob tail in one request (large enough that small layers' TOCs come with it), parses
-the footer and the TOC in a worker thread (one at a time), and packs the TOC's arrays straight
-into a :class:`LayerIndex` with the semantics of an :class:`IndexBuilder` fed entry by entry:
-``.wh.<name>`` entries become whiteouts (char 0/0 ``name``), ``.wh..wh..opq`` marks its
-directory opaque, hardlinks share their target's node. The library already hides
+the footer and the TOC in a worker thread (one at a time), and loads the TOC's arrays into an
+:class:`IndexBuilder` as columns (no Python object per entry), then applies the entries that
+change the tree one by one through the builder: ``.wh.<name>`` entries become whiteouts (char
+0/0 ``name``), ``.wh..wh..opq`` marks its directory opaque, hardlinks share their target's node.
+The builder checks and packs the result as it does for any reader. The library already hides
 ``stargz.index.json`` and the landmark files; the index's ``prefetch_end`` is the
 ``.prefetch.landmark`` offset, 0 for a ``.no.prefetch.landmark`` layer and None for a layer with
 neither. The TOC digest (sha256 of the JSON, or the
@@ -23,6 +24,7 @@ import os
 import stat
 import threading
 from array import array
+from itertools import compress, repeat
 
 import trio
 
@@ -30,18 +32,12 @@ import estargz
 from fusefs.allocator import release_free_memory
 from fusefs.errors import FormatError, UnsupportedFormat
 from fusefs.index import (
-    DEFAULT_MAX_CHUNK_SIZE,
-    MAX_FILE_SIZE,
-    MAX_NAME,
-    MAX_PATH,
-    MAX_XATTR_VALUE,
-    OPAQUE_MARKER,
     TRUSTED_OPAQUE_XATTR,
     WHITEOUT_PREFIX,
     Codec,
-    LayerIndex,
+    Columns,
+    IndexBuilder,
     UnverifiedIndex,
-    split_path,
 )
 from fusefs.sources.base import BlobSource
 
@@ -116,268 +112,70 @@ def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xatt
         raise UnsupportedFormat(f"{digest}: {exc}") from exc
     except estargz.EstargzError as exc:
         raise FormatError(f"{digest}: invalid TOC: {exc}") from exc
+    if any(toc._chunk_flags):  # in any file of the TOC, in the tree or not
+        k = next(k for k, flags in enumerate(toc._chunk_flags) if flags)
+        path = toc.path(bisect.bisect_right(toc._chunk_start, k) - 1)
+        raise UnsupportedFormat(f"{digest}: {path!r} has a hole chunk (not supported)")
+    builder = IndexBuilder(blob_size=blob_size, opaque_xattr=opaque_xattr)
+    later = _load(builder, toc)
+    # Whiteouts, opaque markers and hardlinks apply after every other entry, in tree order (parents
+    # before children, each directory's entries by name), as a tar reader's would.
+    for i in later:
+        path = toc.path(i)
+        if not builder.add_tar_entry_name(path):
+            builder.add_hardlink(path, toc.path(toc.link_target(i)))
     also = (toc.manifest_checksum,) if toc.manifest_checksum else ()
     # ``.no.prefetch.landmark`` wins over ``.prefetch.landmark``, as upstream: an empty prefix
     prefetch_end = 0 if toc.no_prefetch_landmark else toc.prefetch_landmark_offset
-    index = _TocPacker(toc, blob_size, opaque_xattr, digest).pack(prefetch_end)
-    return UnverifiedIndex(index, toc.digest, also)
+    return builder.build(toc_digest=toc.digest, also_accept=also, prefetch_end=prefetch_end)
 
 
 _WHITEOUT_PREFIX = WHITEOUT_PREFIX.encode()
-_DIR, _REG, _SYMLINK, _HARDLINK, _CHAR, _BLOCK = (
-    int(estargz.EntryType.DIR), int(estargz.EntryType.REG), int(estargz.EntryType.SYMLINK),
-    int(estargz.EntryType.HARDLINK), int(estargz.EntryType.CHAR), int(estargz.EntryType.BLOCK))
+_SYMLINK, _HARDLINK = int(estargz.EntryType.SYMLINK), int(estargz.EntryType.HARDLINK)
 # stat.S_IF* by EntryType value (a hardlink is never a node of its own)
 _S_IF = [_TYPES.get(t, 0) for t in sorted(estargz.EntryType)]
 
 
-class _TocPacker:
-    """Packs a parsed TOC straight into a :class:`LayerIndex`, with the semantics of feeding an
-    :class:`IndexBuilder` entry by entry but no Python object per entry.
+def _load(builder: IndexBuilder, toc: estargz.TOC) -> list[int]:
+    """Load the parsed TOC's tree into ``builder`` as columns (the TOC already holds it in arrays,
+    children sorted by UTF-8 name as the index wants them): no Python object per entry.
 
-    The TOC already holds the tree in arrays (children sorted by UTF-8 name, as the index wants
-    them), so most directories are copied slice by slice. Only the rare entries that change the
-    tree are applied as overrides of their directory, in TOC tree order as the builder would:
-    ``.wh.<name>`` (a char 0/0 whiteout ``name``, replacing an entry of that name), ``.wh..wh..opq``
-    (the directory gets the opaque xattr) and hardlinks (a second name of their target's node).
-    Every check of the builder is kept (sizes, chunk bounds, file coverage, names, xattrs).
+    Returns the entries left for the caller to apply one by one: ``.wh.`` names and hardlinks.
+    The builder takes the TOC's arrays over and appends to some: after this, the TOC serves for
+    names and paths only.
     """
-
-    def __init__(self, toc: estargz.TOC, blob_size: int, opaque_xattr: bytes, digest: str) -> None:
-        self.toc = toc
-        self.blob_size = blob_size
-        self.opaque_xattr = opaque_xattr
-        self.digest = digest
-        # directory entry -> {name: entry index, or a negative whiteout id}
-        self.overrides: dict[int, dict[bytes, int]] = {}
-        self.opaque: set[int] = set()
-        self.whiteouts = 0
-
-    # -- the tree-changing entries, as IndexBuilder.add_tar_entry_name / add_hardlink ----------
-
-    def _is_later(self, i: int) -> bool:
-        toc = self.toc
-        return toc._type[i] == _HARDLINK or toc.name_bytes(i).startswith(_WHITEOUT_PREFIX)
-
-    def _child(self, d: int, name: bytes) -> int | None:
-        """The entry named ``name`` in directory entry ``d`` as the tree stands now, or None."""
-        over = self.overrides.get(d)
-        if over is not None and name in over:
-            return over[name]
-        toc = self.toc
-        kids = toc._child_list
-        lo, hi = toc._child_start[d], toc._child_start[d + 1]
-        k = bisect.bisect_left(kids, name, lo, hi, key=toc.name_bytes)
-        if k < hi and toc.name_bytes(kids[k]) == name and not self._is_later(kids[k]):
-            return kids[k]
-        return None
-
-    def _is_dir(self, ref: int) -> bool:
-        return ref >= 0 and self.toc._type[ref] == _DIR
-
-    def _dir(self, parts: tuple[bytes, ...], path: str) -> int:
-        """The directory entry at ``parts`` (IndexBuilder._parent: never a non-directory)."""
-        d = estargz.ROOT
-        for part in parts:
-            ref = self._child(d, part)
-            if ref is None or not self._is_dir(ref):
-                # the TOC creates every parent, so only a whiteout or hardlink can be in the way
-                raise FormatError(f"path goes through a non-directory: {path[:80]!r}")
-            d = ref
-        return d
-
-    def _apply_later(self, i: int) -> None:
-        toc = self.toc
-        path = toc.path(i)
-        head, _, base = path.rstrip("/").rpartition("/")
-        if base == OPAQUE_MARKER:
-            self.opaque.add(self._dir(split_path(head), head))
-            return
-        if base.startswith(WHITEOUT_PREFIX):
-            name = base[len(WHITEOUT_PREFIX):]
-            if not name or name in (".", ".."):
-                raise FormatError(f"invalid whiteout {path[:80]!r}")
-            target = f"{head}/{name}" if head else name
-            parts = split_path(target)
-            self.whiteouts += 1
-            self.overrides.setdefault(self._dir(parts[:-1], target), {})[parts[-1]] = -self.whiteouts
-            return
-        target_path = toc.path(toc.link_target(i))
-        node: int | None = estargz.ROOT
-        for part in split_path(target_path):
-            node = self._child(node, part) if node is not None and self._is_dir(node) else None
-        if node is None or self._is_dir(node):
-            raise FormatError(f"hardlink {path[:80]!r} to missing or directory entry {target_path[:80]!r}")
-        parts = split_path(path)
-        self.overrides.setdefault(self._dir(parts[:-1], path), {})[parts[-1]] = node
-
-    # -- packing ---------------------------------------------------------------------------
-
-    def pack(self, prefetch_end: int | None) -> LayerIndex:
-        toc = self.toc
-        types, kids, child_start = toc._type, toc._child_list, toc._child_start
-        # The builder's first pass skips whiteouts and hardlinks; they apply after every entry,
-        # in tree order (parents before children, each directory's entries by name).
-        later = [i for i in toc.iter_tree() if types[i] == _HARDLINK
-                 or toc._name_blob.startswith(_WHITEOUT_PREFIX, toc._name_off[i])]
-        for i in later:
-            self._apply_later(i)
-
-        idx = LayerIndex.__new__(LayerIndex)
-        idx._init_empty(self.blob_size, prefetch_end)
-        node_of: dict[int, int] = {estargz.ROOT: 0}
-        order: list[int] = [estargz.ROOT]
-        nlink: list[int] = [2]
-        e_node = idx._e_node
-        e_name_off, e_name_len = idx._e_name_off, idx._e_name_len
-        child_start_out, child_count_out = idx._child_start, idx._child_count
-        name_blob, name_off = toc._name_blob, toc._name_off
-        names = bytearray()
-        later_set = set(later)
-        pos = 0
-        while pos < len(order):
-            ref = order[pos]
-            node = pos
-            pos += 1
-            child_start_out.append(len(e_node))
-            if ref >= 0 and types[ref] == _DIR:
-                over = self.overrides.get(ref)
-                base = kids[child_start[ref]:child_start[ref + 1]]
-                if over is None:
-                    entries: list[tuple[bytes, int]] | None = None
-                    if later_set:
-                        base = array("I", [k for k in base if k not in later_set])
-                else:
-                    merged = {name_blob[name_off[k]:name_off[k + 1]]: k for k in base if k not in later_set}
-                    merged.update(over)
-                    entries = sorted(merged.items())
-                for name, child in (entries if entries is not None
-                                    else ((name_blob[name_off[k]:name_off[k + 1]], k) for k in base)):
-                    cid = node_of.get(child)
-                    child_is_dir = child >= 0 and types[child] == _DIR
-                    if cid is None:
-                        cid = node_of[child] = len(order)
-                        order.append(child)
-                        nlink.append(2 if child_is_dir else 1)
-                    elif not child_is_dir:
-                        nlink[cid] += 1
-                    if child_is_dir:
-                        nlink[node] += 1
-                    e_name_off.append(len(names))
-                    e_name_len.append(len(name))
-                    e_node.append(cid)
-                    names += name
-            child_count_out.append(len(e_node) - child_start_out[node])
-        idx._nlink = array("I", nlink)
-        idx._names = bytes(names)
-        self._attributes(idx, order)
-        self._chunks(idx, order)
-        return idx
-
-    def _attributes(self, idx: LayerIndex, order: list[int]) -> None:
-        toc = self.toc
-        types = toc._type
-        mode_out, uid_out, gid_out = idx._mode, idx._uid, idx._gid
-        size_out, mtime_out, rdev_out = idx._size, idx._mtime, idx._rdev
-        t_mode, t_uid, t_gid, t_size = toc._mode, toc._uid, toc._gid, toc._size
-        t_mtime, t_nsec, t_dev, t_xattrs = toc._mtime, toc._mtime_nsec, toc._dev, toc._xattrs
-        s_if = _S_IF
-        for node, ref in enumerate(order):
-            if ref < 0:  # a whiteout: char 0/0, mode 0, root-owned
-                mode_out.append(stat.S_IFCHR)
-                uid_out.append(0)
-                gid_out.append(0)
-                size_out.append(0)
-                mtime_out.append(0)
-                rdev_out.append(0)
-                continue
-            kind = types[ref]
-            perm = t_mode[ref] & 0o7777
-            if ref == estargz.ROOT:
-                perm = (t_mode[ref] or 0o755) & 0o7777
-            mode_out.append(s_if[kind] | perm)
-            uid_out.append(t_uid[ref])
-            gid_out.append(t_gid[ref])
-            mtime_out.append(t_mtime[ref] * 1_000_000_000 + t_nsec[ref])
-            if kind == _REG:
-                size = t_size[ref]
-                if size > MAX_FILE_SIZE:
-                    raise FormatError(f"absurd size {size} for {toc.path(ref)[:80]!r}")
-                size_out.append(size)
-            elif kind == _SYMLINK:
-                target = toc.linkname(ref).encode("utf-8", "surrogateescape")
-                if not target or len(target) > MAX_PATH:
-                    raise FormatError(f"invalid symlink target for {toc.path(ref)[:80]!r}")
-                idx._targets[node] = target
-                size_out.append(len(target))
-            else:
-                size_out.append(0)
-            rdev_out.append(os.makedev(t_dev[2 * ref], t_dev[2 * ref + 1]) if kind in (_CHAR, _BLOCK) else 0)
-            xattrs: dict[bytes, bytes] = {}
-            if ref != estargz.ROOT and ref in t_xattrs:  # the builder takes no xattrs for the root
-                for key, value in t_xattrs[ref]:
-                    name = key.encode("utf-8", "surrogateescape")
-                    if not name or len(name) > MAX_NAME or len(value) > MAX_XATTR_VALUE:
-                        raise FormatError(f"invalid xattr on {toc.path(ref)[:80]!r}")
-                    xattrs[name] = value
-            if ref in self.opaque:
-                xattrs[self.opaque_xattr] = b"y"
-            if xattrs:
-                idx._xattrs[node] = dict(sorted(xattrs.items()))
-
-    def _chunks(self, idx: LayerIndex, order: list[int]) -> None:
-        toc = self.toc
-        types, t_start = toc._type, toc._chunk_start
-        t_file_off, t_size = toc._chunk_file_off, toc._chunk_size
-        t_off, t_end = toc._chunk_off, toc._chunk_end
-        t_inner, t_flags, t_digest = toc._chunk_inner, toc._chunk_flags, toc._chunk_digest
-        c_file_off, c_off, c_end = idx._c_file_off, idx._c_blob_off, idx._c_blob_end
-        c_size = array("Q")  # the TOC's width; narrowed to the index's once bounded below
-        c_inner, c_digest = idx._c_inner, idx._c_digest
-        start_out, count_out = idx._chunk_start, idx._chunk_count
-        file_size = idx._size
-        codec = _CODECS[toc.codec]
-        for node, ref in enumerate(order):
-            start_out.append(len(c_file_off))
-            if ref < 0 or types[ref] != _REG:
-                count_out.append(0)
-                continue
-            lo, hi = t_start[ref], t_start[ref + 1]
-            count_out.append(hi - lo)
-            if hi == lo:
-                if file_size[node]:
-                    raise FormatError(f"chunks of node {node} cover 0 bytes, file has {file_size[node]}")
-                continue
-            if any(t_flags[lo:hi]):
-                raise UnsupportedFormat(f"{self.digest}: {toc.path(ref)!r} has a hole chunk (not supported)")
-            if t_file_off[lo] != 0 or t_file_off[hi - 1] + t_size[hi - 1] != file_size[node]:
-                raise FormatError(f"chunks of node {node} do not cover the file's {file_size[node]} bytes")
-            c_file_off.extend(t_file_off[lo:hi])
-            c_size.extend(t_size[lo:hi])
-            c_off.extend(t_off[lo:hi])
-            c_end.extend(t_end[lo:hi])
-            c_inner.extend(t_inner[lo:hi])
-            c_digest += t_digest[32 * lo:32 * hi]
-        count = len(c_file_off)
-        idx._c_codec = array("B", bytes([int(codec)]) * count)
-        if not count:
-            return
-        # the TOC parser made each file's chunks continue one another; the checks of
-        # IndexBuilder.add_chunk_to, over all chunks at once
-        if min(c_size) <= 0 or max(c_size) > DEFAULT_MAX_CHUNK_SIZE:
-            raise FormatError(f"chunk size {min(c_size)}..{max(c_size)} out of bounds")
-        idx._c_size = array("I", c_size)
-        del c_size
-        if (not all(map(operator.lt, c_off, c_end)) or max(c_end) > self.blob_size
-                or max(c_inner) > MAX_FILE_SIZE):
-            raise FormatError("chunk blob range out of bounds")
-        slack = 2 * DEFAULT_MAX_CHUNK_SIZE + (1 << 20)
-        if not all(e - o <= slack + n for o, e, n in zip(c_off, c_end, c_inner, strict=True)):
-            raise FormatError("compressed chunk too large")
-        view = memoryview(c_digest)
-        for k in range(count):
-            if view[32 * k:32 * k + 32] == _NO_DIGEST:
-                raise UnsupportedFormat(f"{self.digest}: a file has a chunk with no digest (legacy)")
+    types, n = toc._type, len(toc)
+    mode = array("I", map(operator.or_, map(_S_IF.__getitem__, types), toc._mode))
+    mode[estargz.ROOT] = stat.S_IFDIR | ((toc._mode[estargz.ROOT] or 0o755) & 0o7777)
+    mtime_ns = array("q", map(operator.add, map(operator.mul, toc._mtime, repeat(1_000_000_000)),
+                              toc._mtime_nsec))
+    dev = toc._dev  # major, minor of each entry: 0, 0 but for devices
+    rdev = array("Q", map(os.makedev, dev[0::2], dev[1::2]) if any(dev) else bytes(8 * n))
+    link_blob, link_off = toc._link_blob, toc._link_off
+    targets = {i: link_blob[link_off[i]:link_off[i + 1]]
+               for i in compress(range(n), map(_SYMLINK.__eq__, types))}
+    xattrs = {i: {key.encode("utf-8", "surrogateescape"): value for key, value in pairs}
+              for i, pairs in toc._xattrs.items() if i != estargz.ROOT}  # a TOC's root takes none
+    later = _later(toc)
+    builder.load(Columns(
+        mode=mode, uid=toc._uid, gid=toc._gid, size=toc._size, mtime_ns=mtime_ns, rdev=rdev,
+        targets=targets, xattrs=xattrs, names=toc._name_blob, name_off=toc._name_off,
+        child_start=toc._child_start, child_list=toc._child_list, skip=frozenset(later),
+        chunk_start=toc._chunk_start, chunk_file_offset=toc._chunk_file_off, chunk_size=toc._chunk_size,
+        chunk_blob_offset=toc._chunk_off, chunk_blob_end=toc._chunk_end, chunk_inner_offset=toc._chunk_inner,
+        codec=_CODECS[toc.codec], digests=toc._chunk_digest,
+    ))
+    return later
 
 
-_NO_DIGEST = bytes(32)
+def _later(toc: estargz.TOC) -> list[int]:
+    """The ``.wh.`` entries and hardlinks of the tree, in tree order (``TOC.iter_tree``'s)."""
+    types, names, name_off = toc._type, toc._name_blob, toc._name_off
+    found = set(compress(range(len(types)), map(_HARDLINK.__eq__, types)))
+    pos = names.find(_WHITEOUT_PREFIX)
+    while pos >= 0:
+        i = bisect.bisect_right(name_off, pos) - 1  # the entry whose name holds ``pos``
+        if name_off[i] == pos:
+            found.add(i)
+        pos = names.find(_WHITEOUT_PREFIX, pos + 1)
+    return [i for i in toc.iter_tree() if i in found] if found else []

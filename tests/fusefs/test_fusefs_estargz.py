@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import json
@@ -160,11 +161,12 @@ def test_index_builds_run_one_at_a_time(tmp_path: Path, monkeypatch: pytest.Monk
     assert all(entered.acquire(blocking=False) for _ in blobs)  # every build ran
 
 
-# -- the direct TOC → LayerIndex packing against the IndexBuilder it replaces ----------------
+# -- the TOC loaded into the IndexBuilder as columns against the same TOC fed entry by entry --
 
 
 def _reference_index(toc_bytes: bytes, footer: object, blob_size: int, opaque_xattr: bytes) -> object:
-    """The former mapping: every TOC entry fed to an IndexBuilder (the semantics to keep)."""
+    """Every TOC entry fed to an IndexBuilder one by one: what loading the TOC's columns (and
+    applying the tree-changing entries) must equal, column for column."""
     import os
     import stat as st
 
@@ -317,24 +319,61 @@ def test_direct_packing_equals_the_index_builder_on_fixtures(case: contract.Case
 TRUSTED_OPAQUE = b"trusted.overlay.opaque"
 
 
-@pytest.mark.parametrize("entries", [
-    [{"name": "a", "type": "reg", "size": 3, "offset": 100, "digest": _d(1), "chunkDigest": _d(1)},
-     {"name": "a/.wh.x", "type": "reg", "size": 0}],  # a whiteout under a file
-    [{"name": "d/", "type": "dir"}, {"name": "h", "type": "hardlink", "linkName": "d"}],
-    [{"name": "big", "type": "reg", "size": 100 << 20, "offset": 100, "digest": _d(1),
-      "chunkDigest": _d(1)}],  # a chunk over the index's 64 MiB limit
-    [{"name": "l", "type": "symlink", "linkName": "x" * 5000}],
-], ids=["whiteout-under-file", "hardlink-to-dir", "huge-chunk", "long-target"])
-def test_direct_packing_refuses_what_the_builder_refuses(entries: list[dict[str, object]]) -> None:
+@pytest.mark.parametrize(("entries", "data_end"), [
+    ([{"name": "a", "type": "reg", "size": 3, "offset": 100, "digest": _d(1), "chunkDigest": _d(1)},
+      {"name": "a/.wh.x", "type": "reg", "size": 0}], 1 << 20),  # a whiteout under a file
+    ([{"name": "d/", "type": "dir"}, {"name": "h", "type": "hardlink", "linkName": "d"}], 1 << 20),
+    ([{"name": "big", "type": "reg", "size": 100 << 20, "offset": 100, "digest": _d(1),
+       "chunkDigest": _d(1)}], 1 << 20),  # a chunk over the index's 64 MiB limit
+    ([{"name": "l", "type": "symlink", "linkName": "x" * 5000}], 1 << 20),
+    ([{"name": "x", "type": "dir", "xattrs": {"user.x": base64.b64encode(bytes(65537)).decode()}}], 1 << 20),
+    ([{"name": "x", "type": "reg", "xattrs": {"user." + "é" * 126: "eA=="}}], 1 << 20),  # 256 bytes
+    ([{"name": "a", "type": "reg", "size": 3, "offset": 100, "digest": _d(1), "chunkDigest": _d(1)},
+      {"name": "b", "type": "reg", "size": 3, "offset": 100 + (130 << 20), "digest": _d(2),
+       "chunkDigest": _d(2)}], 200 << 20),  # 3 bytes from 130 MiB of blob: more than 2 chunks + 1 MiB
+], ids=["whiteout-under-file", "hardlink-to-dir", "huge-chunk", "long-target", "xattr-value", "xattr-name",
+        "compressed-too-large"])
+def test_direct_packing_refuses_what_the_builder_refuses(entries: list[dict[str, object]],
+                                                         data_end: int) -> None:
     import estargz
     from fusefs.formats.estargz import _index
 
-    member, footer, size = _toc_blob(entries)
+    member, footer, size = _toc_blob(entries, data_end)
     errors = (FormatError, UnsupportedFormat, estargz.EstargzError)
     with pytest.raises(errors):
         _reference_index(member, footer, size, TRUSTED_OPAQUE)
     with pytest.raises((FormatError, UnsupportedFormat)):
         _index(member, footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "z", "type": "reg", "size": 3, "offset": 100},  # neither digest nor chunkDigest
+    {"name": "z", "type": "reg", "size": 8, "chunkSize": 8, "chunkType": "zeros"},
+], ids=["no-digest", "hole"])
+def test_chunks_that_cannot_be_served_lazily(entry: dict[str, object]) -> None:
+    from fusefs.formats.estargz import _index
+
+    member, footer, size = _toc_blob([{"name": "d/", "type": "dir"}, entry])
+    with pytest.raises(UnsupportedFormat, match="'z'"):
+        _index(member, footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_tree_changing_entries_are_found_in_tree_order(tree: str) -> None:
+    import estargz
+    from fusefs.formats.estargz import _later
+
+    entries = [*TREES[tree],
+               {"name": "w/x.wh.y", "type": "reg", "size": 0},  # ".wh." inside a name: an ordinary file
+               {"name": "w/a.wh", "type": "reg", "size": 0},
+               {"name": "w/.wh.a.wh", "type": "reg", "size": 0},
+               {"name": "w/sub/.wh.z", "type": "reg", "size": 0},
+               {"name": "w/sub/h", "type": "hardlink", "linkName": "w/x.wh.y"}]
+    member, footer, _ = _toc_blob(entries)
+    toc = estargz.parse_toc(member, footer)  # type: ignore[arg-type]
+    walked = [i for i in toc.iter_tree()
+              if toc.type(i) is estargz.EntryType.HARDLINK or toc.name(i).startswith(".wh.")]
+    assert _later(toc) == walked and len(walked) >= 3
 
 
 def test_free_memory_goes_back_after_each_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
