@@ -101,6 +101,9 @@ class ChunkCache:
         self._total = 0
         self._hits = self._misses = self._stored = self._not_kept = self._evicted = 0
         self._last_full_log = 0.0
+        # layers released for good: a fetch of theirs still running (speculation, read-ahead)
+        # must not store chunks after the delete; mounting the layer again takes it off
+        self._forgotten: set[str] = set()
         self._scan()
 
     # -- pinning --------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class ChunkCache:
         """Protect a layer's chunks from eviction while it is mounted (counted)."""
         layer = layer_dirname(layer_digest)
         with self._lock:
+            self._forgotten.discard(layer)
             self._pins[layer] = self._pins.get(layer, 0) + 1
             if self._pins[layer] == 1:
                 for key in self._layers.get(layer, {}):
@@ -182,6 +186,8 @@ class ChunkCache:
         with self._lock:
             if key in self._layers.get(layer, {}):
                 return True
+            if layer in self._forgotten:
+                return False
             if not self._evict_locked(size):
                 self._not_kept += 1
                 now = time.monotonic()
@@ -209,6 +215,11 @@ class ChunkCache:
                 tmp.unlink()
             return False
         with self._lock:
+            if layer in self._forgotten:  # forgotten while we wrote: the delete missed this file
+                self._total -= size
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                return False
             entries = self._layers.setdefault(layer, {})
             if key in entries:  # the same chunk was stored concurrently: undo our reservation
                 self._total -= size
@@ -223,6 +234,7 @@ class ChunkCache:
         """Delete everything cached for a layer that is released for good."""
         layer = layer_dirname(layer_digest)
         with self._lock:
+            self._forgotten.add(layer)
             for key in list(self._layers.get(layer, {})):
                 self._drop_locked(layer, key, unlink=False)
             self._layers.pop(layer, None)

@@ -79,6 +79,33 @@ def test_forget_layer_removes_everything(tmp_path: Path) -> None:
     assert not (tmp_path / "chunks" / A[7:]).exists()
 
 
+def test_a_forgotten_layer_stores_nothing_until_it_is_mounted_again(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
+    cache.put(A, "k1", b"x" * 10)
+    cache.forget_layer(A)
+    # a speculative fetch of the released layer that was still running
+    assert not cache.put(A, "k2", b"y" * 10)
+    assert cache.read(A, "k2") is None and cache.statistics().bytes_cached == 0
+    assert not (tmp_path / "chunks" / A[7:]).exists()
+    cache.pin(A)  # pulled and mounted again
+    assert cache.put(A, "k2", b"y" * 10) and cache.read(A, "k2") == b"y" * 10
+
+
+def test_a_layer_forgotten_during_a_write_keeps_nothing(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = _cache(tmp_path)
+    rename = os.rename
+
+    def rename_then_forget(src: Path, dst: Path) -> None:
+        rename(src, dst)
+        cache.forget_layer(A)  # released while the chunk was being written
+
+    monkeypatch.setattr(os, "rename", rename_then_forget)
+    assert not cache.put(A, "k1", b"x" * 10)
+    assert cache.statistics().bytes_cached == 0
+    assert not (tmp_path / "chunks" / A[7:] / "k1").exists()
+
+
 def test_failed_write_is_not_fatal(tmp_path: Path) -> None:
     cache = _cache(tmp_path)
     (tmp_path / "chunks" / A[7:]).write_bytes(b"not a directory")
