@@ -288,11 +288,12 @@ class ChunkFetcher:
         """On a file's first miss, start fetching what its reader is about to ask for too.
 
         A program that reads part of a file mostly reads the rest soon (an mmapped library
-        faults its pages in one round trip each), and one that reads a small file from a
-        directory (Python importing a package) reads its small siblings next. Both are fetched in one
-        request of their own, alongside the miss and not waited for: a round trip each that the
-        reader then saves. Bounded by ``speculate_file_bytes`` and ``speculate_dir_bytes``;
-        each file and directory is speculated on once.
+        faults its pages in one round trip each), and one that reads files of a kind from a
+        directory (Python importing a package) reads their siblings next (:meth:`_scan`; or,
+        with ``speculate_dir_bytes``, a small file's small siblings). What is chosen goes out in
+        requests of its own, alongside the miss and not waited for: a round trip each that the
+        reader then saves. Bounded by the ``speculate_*`` settings; each file and directory is
+        speculated on once.
         """
         config = self._config
         if node in self._speculated:
@@ -622,8 +623,7 @@ class ChunkFetcher:
                         first_error = first_error or error
                         if collect and flight.data is not None:
                             result[cid] = flight.data
-                        # each chunk's waiters go on as soon as it is ready, and without a
-                        # caller for the bytes, nothing here keeps them past the cache writer
+                        # each chunk's waiters go on as soon as it is ready, not after the run
                         self._land(cid, flight)
                     del whole
             if first_error is not None:
