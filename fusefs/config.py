@@ -47,9 +47,9 @@ class FetchConfig:
         speculate_dir_bytes: a small file's first miss also fetches the small files of its
             directory alongside, up to this many compressed bytes (default 0 = off).
         small_file_bytes: what a small file is for ``speculate_dir_bytes`` (default 64 KiB).
-        speculate_scan_bytes: the second file missed in a directory also fetches the first
-            chunk of each sibling whose name ends like one of the two (``.cpython-311.pyc``,
-            ``.so``), up to this many compressed bytes (default 4 MiB; 0 = off).
+        speculate_scan_bytes: the second file of a kind (name suffix: ``.cpython-311.pyc``)
+            missed in a directory also fetches the first chunk of the directory's other files
+            of that kind, up to this many compressed bytes (default 4 MiB; 0 = off).
     """
 
     max_range_bytes: int = 16 << 20

@@ -39,7 +39,7 @@ Buffer: TypeAlias = bytes | memoryview  # fetched bytes, or a view of a coalesce
 _Run: TypeAlias = tuple[int, int, list[int]]  # blob start, blob end, chunk ids
 SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
 STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on (``collect=False``)
-_SCANNED = b"/"  # in ChunkFetcher._scanned: the directory's siblings were speculated on (no name has "/")
+_SCANNED = b"/"  # in ChunkFetcher._kinds: the directory was scanned (no file name holds "/")
 
 
 class PriorityGate:
@@ -195,7 +195,7 @@ class ChunkFetcher:
         self._ahead_running = False
         self._parents: array[int] | None = None
         self._speculated: set[int] = set()  # files and directories whose speculation started
-        self._scanned: dict[int, bytes] = {}  # directory → its first missed file's name suffix
+        self._kinds: dict[int, set[bytes]] = {}  # directory → name suffixes of its missed files
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -329,30 +329,32 @@ class ChunkFetcher:
             trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
 
     def _scan(self, node: NodeId, taken: set[int]) -> list[int]:
-        """On the second file missed in a directory, the first chunk of its siblings of the same
-        kind: a program working through a directory (Python importing a package's modules, a
-        loader opening its extension libraries) reads one file after another, a round trip
-        each. Files of a kind share a name suffix (``.cpython-311.pyc``, ``.so``)."""
+        """When a second file of one kind is missed in a directory, the first chunk of its other
+        files of that kind: a program working through a directory (Python importing a package's
+        modules, a loader opening a package's extension libraries) reads one file after another,
+        a round trip each. A kind is a name suffix (``.cpython-311.pyc``); files of different
+        kinds, such as the libraries a program links from /usr/lib (``.so.6``, ``.so.1``), are not
+        a pattern, and most of their siblings stay unread."""
         index = self.index
         if self._parents is None:
             self._parents = index.parents()
         directory = NodeId(self._parents[node])
-        seen = self._scanned.get(directory)
-        if seen == _SCANNED:
+        kinds = self._kinds.setdefault(directory, set())
+        if _SCANNED in kinds:
             return []
         name = next((n for _, n, child in index.children(directory) if child == node), b"")
-        suffix = _suffix(name)
-        if seen is None:
-            self._scanned[directory] = suffix
+        kind = _suffix(name)
+        if not kind:
             return []
-        self._scanned[directory] = _SCANNED
-        kinds = tuple({seen, suffix} - {b""})
-        if not kinds:
+        if kind not in kinds:
+            kinds.add(kind)
             return []
+        kinds.clear()
+        kinds.add(_SCANNED)
         todo: list[int] = []
         budget = self._config.speculate_scan_bytes
         for _, sibling_name, child in index.children(directory):
-            if child == node or index.size(child) == 0 or not sibling_name.endswith(kinds):
+            if child == node or index.size(child) == 0 or not sibling_name.endswith(kind):
                 continue
             head = self._fetchable(index.chunk_ids(child)[:1], taken)
             size = self._compressed(head)

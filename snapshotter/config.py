@@ -112,10 +112,10 @@ class FetchConfig:
                                        "bytes", min=0, max=1 << 30)
     small_file_bytes: int = setting(64 << 10, "the largest file `speculate_dir_bytes` counts as small",
                                     "bytes", min=0, max=1 << 30)
-    speculate_scan_bytes: int = setting(4 << 20, "the second file read from a directory also fetches the "
-                                        "first chunk of its siblings of the same kind (name suffix), up "
-                                        "to this many compressed bytes; 0 = off", "bytes",
-                                        min=0, max=1 << 30)
+    speculate_scan_bytes: int = setting(4 << 20, "the second file of a kind (name suffix) missed in a "
+                                        "directory also fetches the first chunk of the directory's other "
+                                        "files of that kind, up to this many compressed bytes; 0 = off",
+                                        "bytes", min=0, max=1 << 30)
 
 
 @dataclass(frozen=True)

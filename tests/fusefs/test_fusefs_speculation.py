@@ -162,3 +162,20 @@ def test_a_scan_keeps_to_its_budget(tmp_path: Path) -> None:
         assert not any(fetcher.is_cached(c) for c in index.chunk_ids(_node(index, "data/zeros-1.5MiB.bin")))
 
     trio.run(main)
+
+
+def test_misses_of_different_kinds_are_no_pattern(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, SCAN)
+    index = fetcher.index
+    zeros = index.chunk_ids(_node(index, "data/zeros-1.5MiB.bin"))
+
+    async def main() -> None:
+        await fetcher.read(_node(index, "data/exactly-4096.bin"), 0, 4096)
+        await fetcher.read(_node(index, "data/text-200KiB.txt"), 0, 4096)  # like libc.so.6, then libz.so.1
+        await trio.sleep(0.1)
+        assert len(source.calls) == 2 and not fetcher.is_cached(zeros[0])
+        await fetcher.read(_node(index, BIG), 0, 4096)  # the second .bin: now a pattern
+        await _settled(fetcher, source, 4)
+        assert len(source.calls) == 4 and fetcher.is_cached(zeros[0])
+
+    trio.run(main)
