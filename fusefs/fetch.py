@@ -39,7 +39,6 @@ Buffer: TypeAlias = bytes | memoryview  # fetched bytes, or a view of a coalesce
 _Run: TypeAlias = tuple[int, int, list[int]]  # blob start, blob end, chunk ids
 SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
 STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on (``collect=False``)
-_SCANNED = b"/"  # in ChunkFetcher._kinds: the directory was scanned (no file name holds "/")
 
 
 class PriorityGate:
@@ -195,7 +194,8 @@ class ChunkFetcher:
         self._ahead_running = False
         self._parents: array[int] | None = None
         self._speculated: set[int] = set()  # files and directories whose speculation started
-        self._kinds: dict[int, set[bytes]] = {}  # directory → name suffixes of its missed files
+        # directory → name suffixes of its missed files; None once it was scanned
+        self._kinds: dict[int, set[bytes] | None] = {}
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -309,9 +309,7 @@ class ChunkFetcher:
         # only a small file speaks for its siblings: a library's first page is read from
         # directories (/usr/lib) whose other small files mostly stay unread
         if config.speculate_dir_bytes > 0 and index.size(node) <= config.small_file_bytes:
-            if self._parents is None:
-                self._parents = index.parents()
-            directory = NodeId(self._parents[node])
+            directory = self._directory(node)
             if directory not in self._speculated:
                 self._speculated.add(directory)
                 budget = config.speculate_dir_bytes
@@ -336,11 +334,9 @@ class ChunkFetcher:
         kinds, such as the libraries a program links from /usr/lib (``.so.6``, ``.so.1``), are not
         a pattern, and most of their siblings stay unread."""
         index = self.index
-        if self._parents is None:
-            self._parents = index.parents()
-        directory = NodeId(self._parents[node])
+        directory = self._directory(node)
         kinds = self._kinds.setdefault(directory, set())
-        if _SCANNED in kinds:
+        if kinds is None:  # scanned already
             return []
         name = next((n for _, n, child in index.children(directory) if child == node), b"")
         kind = _suffix(name)
@@ -349,8 +345,7 @@ class ChunkFetcher:
         if kind not in kinds:
             kinds.add(kind)
             return []
-        kinds.clear()
-        kinds.add(_SCANNED)
+        self._kinds[directory] = None
         todo: list[int] = []
         budget = self._config.speculate_scan_bytes
         for _, sibling_name, child in index.children(directory):
@@ -362,6 +357,11 @@ class ChunkFetcher:
                 todo += head
                 budget -= size
         return todo
+
+    def _directory(self, node: NodeId) -> NodeId:
+        if self._parents is None:  # built on the first speculation only
+            self._parents = self.index.parents()
+        return NodeId(self._parents[node])
 
     def _fetchable(self, cids: Sequence[int], taken: set[int]) -> list[int]:
         """Those of ``cids`` not taken, cached, in flight or failing."""
@@ -555,7 +555,8 @@ class ChunkFetcher:
 
         Only the current step's chunks are in flight: a reader who needs a chunk of a later
         step fetches it at once rather than waiting behind the steps before it, and the step
-        that would have held it skips it.
+        that would have held it skips it. The bounded steps also bound the compressed bytes
+        held at once, however many chunks the call covers.
         """
         ordered = sorted(cids, key=self.index.chunk_blob_range)
         joined: list[_Flight] = []  # chunks a reader took over: waited for at the end
@@ -589,14 +590,11 @@ class ChunkFetcher:
         flights = {cid: _Flight(trio.Event()) for cid in cids}
         self._inflight.update(flights)
         result: dict[int, bytes] = {}
-        # without a caller for the bytes, each request is a bounded step, so the compressed
-        # bytes held at once stay small however many chunks the call covers
-        limit = self._config.max_range_bytes if collect else min(self._config.max_range_bytes, STEP_BYTES)
         try:
             chunks = {cid: self.index.chunk(cid) for cid in cids}
-            runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks, limit)
+            runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks)
             first_error: LayerError | None = None
-            for batch in self._batches(runs, None if collect else limit):
+            for batch in self._batches(runs):
                 try:
                     blobs = await self._read_ranges([(s, e - s) for s, e, _ in batch], background)
                 except SourceError as exc:
@@ -702,24 +700,16 @@ class ChunkFetcher:
         flight.error = exc
         self._failures[cid] = (time.monotonic() + self._config.failure_ttl, exc)
 
-    def _batches(self, runs: list[_Run], max_bytes: int | None) -> Iterator[list[_Run]]:
-        """Runs in requests of at most ``max_ranges_per_read`` ranges (and ``max_bytes``)."""
-        batch: list[_Run] = []
-        size = 0
-        for run in runs:
-            length = run[1] - run[0]
-            if batch and (len(batch) == self._config.max_ranges_per_read
-                          or (max_bytes is not None and size + length > max_bytes)):
-                yield batch
-                batch, size = [], 0
-            batch.append(run)
-            size += length
-        if batch:
-            yield batch
+    def _batches(self, runs: list[_Run]) -> Iterator[list[_Run]]:
+        """Runs in requests of at most ``max_ranges_per_read`` ranges."""
+        step = self._config.max_ranges_per_read
+        for i in range(0, len(runs), step):
+            yield runs[i:i + step]
 
-    def _runs(self, ordered: list[int], chunks: dict[int, Chunk], limit: int) -> list[_Run]:
+    def _runs(self, ordered: list[int], chunks: dict[int, Chunk]) -> list[_Run]:
         """Group chunks into ``(blob start, blob end, chunk ids)`` runs of adjacent blob ranges."""
         runs: list[_Run] = []
+        limit = self._config.max_range_bytes
         for cid in ordered:
             c = chunks[cid]
             if runs:

@@ -101,7 +101,9 @@ async def _one_step(fetcher: ChunkFetcher, config: PrefetchConfig, cids: list[in
     cids = [cid for cid in cids if not fetcher.is_cached(cid)]
     if cids:
         await fetcher.ensure(cids, background=True, collect=False)
-        await fetcher.flush()  # paces background fetch to the disk, and tells what was kept
+        # this step's chunks are stored by now; those a reader fetched meanwhile may still be
+        # queued at the cache writer: wait for them too, to tell what the cache kept
+        await fetcher.flush()
         if not all(fetcher.is_cached(cid) for cid in cids):
             raise _CacheFull
     if config.background_rate > 0:
