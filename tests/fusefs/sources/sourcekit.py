@@ -19,7 +19,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +32,7 @@ import pytest
 import trio
 
 from fusefs.sources.config import RegistryConfig
+from fusefs.sources.registry import RegistrySourceFactory
 from tests.harness import Registry
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.procs import Daemon, HarnessError, free_port, wait_until
@@ -78,6 +80,16 @@ def config_for(tmp: Path, **kw: Any) -> RegistryConfig:
                                 connect_timeout=5.0, read_timeout=10.0)
     base.update(kw)
     return RegistryConfig(**base)
+
+
+@asynccontextmanager
+async def open_factory(tmp: Path, **kw: Any) -> AsyncIterator[RegistrySourceFactory]:
+    """A factory on ``config_for(tmp, **kw)``, closed (its connections) when the block ends."""
+    factory = RegistrySourceFactory(config_for(tmp, **kw))
+    try:
+        yield factory
+    finally:
+        await factory.aclose()
 
 
 def write_docker_config(path: Path, content: dict[str, Any]) -> Path:

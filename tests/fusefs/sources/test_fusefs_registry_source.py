@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from sourcekit import REPO, SMALL, Blobs, config_for, run
+from sourcekit import REPO, SMALL, Blobs, open_factory, run
 
 from fusefs.errors import BlobNotFound, SourceError, TransientSourceError
-from fusefs.sources.registry import RegistrySource, RegistrySourceFactory
+from fusefs.sources.registry import RegistrySource
 from fusefs.spec import LayerSpec
 from tests.harness.faultproxy import FaultProxy
 
@@ -23,11 +25,12 @@ def random_ranges(rng: random.Random, size: int, n: int, max_len: int = 20000) -
     return out
 
 
+@asynccontextmanager
 async def open_source(host: str, digest: str, tmp: Path, size: int | None = None,
-                      **cfg: object) -> tuple[RegistrySourceFactory, RegistrySource]:
-    factory = RegistrySourceFactory(config_for(tmp, **cfg))
-    source = await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=size))
-    return factory, source
+                      **cfg: object) -> AsyncIterator[RegistrySource]:
+    """A source for ``digest`` in ``host``'s test repository; its factory is closed on exit."""
+    async with open_factory(tmp, **cfg) as factory:
+        yield await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=size))
 
 
 def blob_requests(proxy: FaultProxy) -> list[str | None]:
@@ -40,9 +43,8 @@ def test_random_ranges_and_multirange_match_the_blob(anon_registry: Blobs, proxy
     rng = random.Random(7)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
-                                            coalesce_gap=0)
-        try:
+        async with open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                               coalesce_gap=0) as source:
             assert await source.size() == len(blob)  # no size in the spec: HEAD
             for _ in range(5):
                 ranges = random_ranges(rng, len(blob), rng.randint(1, 12))
@@ -51,8 +53,6 @@ def test_random_ranges_and_multirange_match_the_blob(anon_registry: Blobs, proxy
             edge = [(0, 1), (len(blob) - 1, 1), (len(blob) - 5000, 5000)]
             assert await source.read_ranges(edge) == [blob[o:o + n] for o, n in edge]
             assert not source.statistics().single_range_fallbacks
-        finally:
-            await factory.aclose()
 
     run(body)
     multi = [r for r in blob_requests(proxy) if r and "," in r]
@@ -65,16 +65,13 @@ def test_nearby_ranges_are_coalesced_into_one_request(anon_registry: Blobs, prox
     ranges = [(1000, 100), (1200, 50), (5000, 10), (200000, 300)]
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=len(blob), coalesce_gap=8192)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=len(blob), coalesce_gap=8192) as source:
             assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
             # Plain HTTP was learnt on the first request (loopback fallback): one request per read.
             before = source.statistics().requests
             assert await source.read_ranges(ranges[:1]) == [blob[1000:1100]]
             assert source.statistics().requests == before + 1
-        finally:
-            await factory.aclose()
 
     run(body)
     assert blob_requests(proxy) == ["bytes=1000-5009,200000-200299", "bytes=1000-1099"]
@@ -91,13 +88,10 @@ def test_server_without_range_support(anon_registry: Blobs, proxy: FaultProxy, t
     ranges = random_ranges(random.Random(3), len(blob), 6, 4000)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, digest, tmp_path, size=len(blob), coalesce_gap=0)
-        try:
+        async with open_source(proxy.host, digest, tmp_path, size=len(blob), coalesce_gap=0) as source:
             assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
             if which == "large":
                 assert source.statistics().single_range_fallbacks >= 1
-        finally:
-            await factory.aclose()
 
     run(body)
     gets = [r for r in proxy.requests() if r.is_blob and r.method == "GET"]
@@ -115,13 +109,10 @@ def test_server_ignoring_extra_ranges(anon_registry: Blobs, proxy: FaultProxy, t
     ranges = [(10, 100), (500000, 100), (2000000, 70000)]
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
-                                            size=len(blob), coalesce_gap=0)
-        try:
+        async with open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                               size=len(blob), coalesce_gap=0) as source:
             assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
             assert await source.read_ranges(ranges[1:]) == [blob[o:o + n] for o, n in ranges[1:]]
-        finally:
-            await factory.aclose()
 
     run(body)
     assert blob_requests(proxy) == ["bytes=10-109,500000-500099,2000000-2069999",
@@ -136,15 +127,12 @@ def test_expiring_redirect_target_is_resolved_again(anon_registry: Blobs, proxy:
     rng = random.Random(11)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
-                                            size=len(blob), max_ranges_per_request=1)
-        try:
+        async with open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                               size=len(blob), max_ranges_per_request=1) as source:
             for _ in range(10):
                 (off, n), = random_ranges(rng, len(blob), 1)
                 assert await source.read_ranges([(off, n)]) == [blob[off:off + n]]
             assert source.statistics().redirects_resolved == 3
-        finally:
-            await factory.aclose()
 
     run(body)
     recs = [r for r in proxy.requests() if r.is_blob and r.method == "GET"]
@@ -160,9 +148,8 @@ def test_retries_recover_from_bursts(anon_registry: Blobs, proxy: FaultProxy, tm
     blob = anon_registry.small
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=len(blob), retries=4)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=len(blob), retries=4) as source:
             proxy.fail_next(3, status=500)
             assert await source.read_ranges([(100, 1000)]) == [blob[100:1100]]
             proxy.fail_next(2, status=429, retry_after=0)
@@ -170,8 +157,6 @@ def test_retries_recover_from_bursts(anon_registry: Blobs, proxy: FaultProxy, tm
             proxy.drop_next(1)
             assert await source.read_ranges([(0, 200000)]) == [blob[:200000]]
             assert source.statistics().retries == 6
-        finally:
-            await factory.aclose()
 
     run(body)
     statuses = [r.status for r in proxy.requests() if r.is_blob]
@@ -181,14 +166,11 @@ def test_retries_recover_from_bursts(anon_registry: Blobs, proxy: FaultProxy, tm
 def test_persistent_failure_is_transient_error(anon_registry: Blobs, proxy: FaultProxy,
                                                tmp_path: Path) -> None:
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=SMALL, retries=3)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=SMALL, retries=3) as source:
             proxy.fail_next(100, status=503)
             with pytest.raises(TransientSourceError, match=r"giving up after 3 attempts.*503"):
                 await source.read_ranges([(0, 10)])
-        finally:
-            await factory.aclose()
 
     run(body)
     assert len([r for r in proxy.requests() if r.is_blob]) == 3
@@ -196,29 +178,23 @@ def test_persistent_failure_is_transient_error(anon_registry: Blobs, proxy: Faul
 
 def test_missing_blob_is_not_found(anon_registry: Blobs, tmp_path: Path) -> None:
     async def body() -> None:
-        factory, source = await open_source(anon_registry.host, "sha256:" + "0" * 64, tmp_path)
-        try:
+        async with open_source(anon_registry.host, "sha256:" + "0" * 64, tmp_path) as source:
             with pytest.raises(BlobNotFound):
                 await source.read_ranges([(0, 10)])
             with pytest.raises(BlobNotFound):
                 await source.size()
-        finally:
-            await factory.aclose()
 
     run(body)
 
 
 def test_short_body_is_source_error(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=SMALL)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=SMALL) as source:
             proxy.truncate_next(100, drop_bytes=7)
             with pytest.raises(SourceError, match="short body") as info:
                 await source.read_ranges([(0, 5000)])
             assert not isinstance(info.value, TransientSourceError)
-        finally:
-            await factory.aclose()
 
     run(body)
 
@@ -230,12 +206,9 @@ def test_flipped_byte_reaches_the_caller_unverified(anon_registry: Blobs, proxy:
     proxy.flip_byte(anon_registry.small_digest, 1234)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=len(blob), coalesce_gap=0)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=len(blob), coalesce_gap=0) as source:
             a, b = await source.read_ranges([(1000, 500), (9000, 10)])
-        finally:
-            await factory.aclose()
         assert b == blob[9000:9010]
         assert a != blob[1000:1500]
         diff = [i for i in range(500) if a[i] != blob[1000 + i]]
@@ -246,19 +219,13 @@ def test_flipped_byte_reaches_the_caller_unverified(anon_registry: Blobs, proxy:
 
 def test_check_is_throttled(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=SMALL, check_interval=3600.0)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=SMALL, check_interval=3600.0) as source:
             await source.check()
             await source.check()
-        finally:
-            await factory.aclose()
-        factory, source = await open_source(proxy.host, "sha256:" + "1" * 64, tmp_path)
-        try:
+        async with open_source(proxy.host, "sha256:" + "1" * 64, tmp_path) as source:
             with pytest.raises(BlobNotFound):
                 await source.check()
-        finally:
-            await factory.aclose()
 
     run(body)
     heads = [r for r in proxy.requests() if r.method == "HEAD"]
@@ -267,8 +234,7 @@ def test_check_is_throttled(anon_registry: Blobs, proxy: FaultProxy, tmp_path: P
 
 def test_untrusted_spec_is_refused(tmp_path: Path) -> None:
     async def body() -> None:
-        factory = RegistrySourceFactory(config_for(tmp_path))
-        try:
+        async with open_factory(tmp_path) as factory:
             for ref, digest in [("127.0.0.1:1/../etc:v1", "sha256:" + "a" * 64),
                                 ("127.0.0.1:1/ok:v1", "sha256:../../x"),
                                 ("127.0.0.1:1/ok?x=1", "sha256:" + "a" * 64)]:
@@ -278,8 +244,6 @@ def test_untrusted_spec_is_refused(tmp_path: Path) -> None:
                                                   size=100))
             with pytest.raises(SourceError, match="exceeds blob size"):
                 await source.read_ranges([(90, 20)])
-        finally:
-            await factory.aclose()
 
     run(body)
 
@@ -288,13 +252,10 @@ def test_read_timeout_is_transient(anon_registry: Blobs, proxy: FaultProxy, tmp_
     proxy.set_delay(1.0)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=SMALL, retries=2, read_timeout=0.3)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=SMALL, retries=2, read_timeout=0.3) as source:
             with pytest.raises(TransientSourceError, match="ReadTimeout"):
                 await source.read_ranges([(0, 10)])
-        finally:
-            await factory.aclose()
 
     run(body)
 
@@ -308,8 +269,7 @@ def test_layer_urls_are_tried_before_the_registry(anon_registry: Blobs, proxy: F
         url = f"{cdn.url}/v2/{REPO}/blobs/{digest}"
 
         async def body() -> None:
-            factory = RegistrySourceFactory(config_for(tmp_path))
-            try:
+            async with open_factory(tmp_path) as factory:
                 spec = LayerSpec(ref=f"{proxy.host}/{REPO}:v1", digest=digest, size=len(blob),
                                  urls=("ipfs://bafyignored", url))
                 source = await factory.open(spec)
@@ -318,8 +278,6 @@ def test_layer_urls_are_tried_before_the_registry(anon_registry: Blobs, proxy: F
                 cdn.fail_next(100, status=404)
                 assert await source.read_ranges(ranges) == want
                 assert len(blob_requests(proxy)) == 1
-            finally:
-                await factory.aclose()
 
         run(body)
 
@@ -331,12 +289,9 @@ def test_many_batches_are_fetched_concurrently_and_correctly(anon_registry: Blob
     proxy.set_delay(0.2)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path,
-                                            size=len(blob), coalesce_gap=0, max_ranges_per_request=2)
-        try:
+        async with open_source(proxy.host, anon_registry.large_digest, tmp_path,
+                               size=len(blob), coalesce_gap=0, max_ranges_per_request=2) as source:
             assert await source.read_ranges(ranges) == [blob[o:o + n] for o, n in ranges]
-        finally:
-            await factory.aclose()
 
     run(body)
     assert len(blob_requests(proxy)) == 5
@@ -348,26 +303,20 @@ def test_whole_request_deadline(anon_registry: Blobs, proxy: FaultProxy, tmp_pat
     proxy.set_delay(1.0)
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            size=SMALL, retries=1, request_timeout=0.3)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               size=SMALL, retries=1, request_timeout=0.3) as source:
             with pytest.raises(TransientSourceError, match=r"took longer than 0\.3s"):
                 await source.read_ranges([(0, 10)])
-        finally:
-            await factory.aclose()
 
     run(body)
 
 
 def test_size_disagreeing_with_the_server_is_refused(anon_registry: Blobs, tmp_path: Path) -> None:
     async def body() -> None:
-        factory, source = await open_source(anon_registry.host, anon_registry.small_digest, tmp_path,
-                                            size=SMALL + 1)
-        try:
+        async with open_source(anon_registry.host, anon_registry.small_digest, tmp_path,
+                               size=SMALL + 1) as source:
             with pytest.raises(SourceError, match=f"has {SMALL} bytes, expected {SMALL + 1}"):
                 await source.read_ranges([(0, 10)])
-        finally:
-            await factory.aclose()
 
     run(body)
 
@@ -378,13 +327,10 @@ def test_tail_with_unknown_size_is_one_suffix_request(anon_registry: Blobs, prox
     blob = anon_registry.large
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.large_digest, tmp_path)
-        try:
+        async with open_source(proxy.host, anon_registry.large_digest, tmp_path) as source:
             assert await source.read_tail(length) == blob[-length:]
             assert await source.size() == len(blob)  # learnt from Content-Range: no HEAD
             assert await source.read_tail(7) == blob[-7:]  # size known: a plain range
-        finally:
-            await factory.aclose()
 
     run(body)
     assert [r.method for r in proxy.requests() if r.is_blob] == ["GET", "GET"]
@@ -401,25 +347,19 @@ def test_tail_from_a_server_ignoring_range(anon_registry: Blobs, proxy: FaultPro
     proxy.strip_range()
 
     async def body() -> None:
-        factory, source = await open_source(proxy.host, digest, tmp_path)
-        try:
+        async with open_source(proxy.host, digest, tmp_path) as source:
             assert await source.read_tail(3000) == blob[-3000:]
             assert await source.size() == len(blob)
-        finally:
-            await factory.aclose()
 
     run(body)
 
 
 def test_a_read_counts_as_a_check(anon_registry: Blobs, proxy: FaultProxy, tmp_path: Path) -> None:
     async def body() -> None:
-        factory, source = await open_source(proxy.host, anon_registry.small_digest, tmp_path,
-                                            check_interval=3600.0)
-        try:
+        async with open_source(proxy.host, anon_registry.small_digest, tmp_path,
+                               check_interval=3600.0) as source:
             await source.read_tail(100)
             await source.check()  # the read just reached the blob: no HEAD
-        finally:
-            await factory.aclose()
 
     run(body)
     assert [r.method for r in proxy.requests() if r.is_blob] == ["GET"]
