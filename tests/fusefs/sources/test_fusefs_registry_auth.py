@@ -16,8 +16,8 @@ from sourcekit import (
     TokenRegistry,
     basic_entry,
     blob_bytes,
-    config_for,
     helper_script,
+    open_factory,
     push_blob,
     run,
     write_docker_config,
@@ -41,14 +41,11 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
 
 async def read_with(tmp: Path, host: str, digest: str, ranges: list[tuple[int, int]],
                     factory: RegistrySourceFactory | None = None) -> list[bytes]:
-    own = factory is None
-    factory = factory or RegistrySourceFactory(config_for(tmp))
-    try:
-        source = await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=SMALL))
-        return await source.read_ranges(ranges)
-    finally:
-        if own:
-            await factory.aclose()
+    if factory is None:
+        async with open_factory(tmp) as own:
+            return await read_with(tmp, host, digest, ranges, own)
+    source = await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=SMALL))
+    return await source.read_ranges(ranges)
 
 
 RANGES = [(0, 100), (150000, 4096), (SMALL - 10, 10)]
@@ -111,14 +108,11 @@ def tokens(token_registry: TokenRegistry, tmp_path: Path) -> Iterator[TokenRegis
 
 def test_token_flow_fetches_one_token_for_many_reads(tokens: TokenRegistry, tmp_path: Path) -> None:
     async def body() -> int:
-        factory = RegistrySourceFactory(config_for(tmp_path))
-        try:
+        async with open_factory(tmp_path) as factory:
             for _ in range(3):
                 got = await read_with(tmp_path, tokens.host, tokens.digest, RANGES, factory)
                 assert got == expect(tokens.blob)
             return factory.auth.token_fetches
-        finally:
-            await factory.aclose()
 
     assert run(body) == 1
     assert tokens.tokens.requests == [("GET", USER, "")]
@@ -128,15 +122,12 @@ def test_token_lifetime_is_honoured(tokens: TokenRegistry, tmp_path: Path) -> No
     tokens.tokens.expires_in = 1
 
     async def body() -> int:
-        factory = RegistrySourceFactory(config_for(tmp_path))
-        try:
+        async with open_factory(tmp_path) as factory:
             await read_with(tmp_path, tokens.host, tokens.digest, RANGES, factory)
             await trio.sleep(1.2)
             got = await read_with(tmp_path, tokens.host, tokens.digest, RANGES, factory)
             assert got == expect(tokens.blob)
             return factory.auth.token_fetches
-        finally:
-            await factory.aclose()
 
     assert run(body) == 2
 
@@ -145,30 +136,24 @@ def test_token_rejected_by_registry_is_refreshed(tokens: TokenRegistry, tmp_path
     tokens.tokens.expired_next = 1  # the first token is already past its exp: the registry says 401
 
     async def body() -> int:
-        factory = RegistrySourceFactory(config_for(tmp_path))
-        try:
+        async with open_factory(tmp_path) as factory:
             got = await read_with(tmp_path, tokens.host, tokens.digest, RANGES, factory)
             assert got == expect(tokens.blob)
             return factory.auth.token_fetches
-        finally:
-            await factory.aclose()
 
     assert run(body) == 2
 
 
 def test_token_expired_mid_session_is_refreshed(tokens: TokenRegistry, tmp_path: Path) -> None:
     async def body(proxy: FaultProxy) -> int:
-        factory = RegistrySourceFactory(config_for(tmp_path, insecure_hosts=(proxy.host,)))
-        write_docker_config(tmp_path / "docker" / "config.json",
-                            {"auths": {proxy.host: basic_entry(USER, PASSWORD)}})
-        try:
+        async with open_factory(tmp_path, insecure_hosts=(proxy.host,)) as factory:
+            write_docker_config(tmp_path / "docker" / "config.json",
+                                {"auths": {proxy.host: basic_entry(USER, PASSWORD)}})
             await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
             proxy.expire_token(tokens.tokens.issued[-1])
             got = await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
             assert got == expect(tokens.blob)
             return factory.auth.token_fetches
-        finally:
-            await factory.aclose()
 
     with FaultProxy(tokens.host) as proxy:
         assert run(lambda: body(proxy)) == 2
@@ -205,10 +190,9 @@ def test_anonymous_refused_by_token_server(tokens: TokenRegistry, tmp_path: Path
 
 def test_forbidden_refreshes_the_token_once(tokens: TokenRegistry, tmp_path: Path) -> None:
     async def body(proxy: FaultProxy) -> int:
-        factory = RegistrySourceFactory(config_for(tmp_path))
-        write_docker_config(tmp_path / "docker" / "config.json",
-                            {"auths": {proxy.host: basic_entry(USER, PASSWORD)}})
-        try:
+        async with open_factory(tmp_path) as factory:
+            write_docker_config(tmp_path / "docker" / "config.json",
+                                {"auths": {proxy.host: basic_entry(USER, PASSWORD)}})
             await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
             proxy.fail_next(1, status=403)
             got = await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
@@ -218,8 +202,6 @@ def test_forbidden_refreshes_the_token_once(tokens: TokenRegistry, tmp_path: Pat
             with pytest.raises(AuthError, match="refused a fresh token"):
                 await read_with(tmp_path, proxy.host, tokens.digest, RANGES, factory)
             return factory.auth.token_fetches
-        finally:
-            await factory.aclose()
 
     with FaultProxy(tokens.host) as proxy:
         assert run(lambda: body(proxy)) == 3
