@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from sourcekit import REPO, SMALL, Blobs, blob_bytes, config_for, push_blob, run, start_registry
+from sourcekit import REPO, SMALL, Blobs, blob_bytes, config_for, open_factory, push_blob, run, start_registry
 
 from fusefs.errors import SourceError
 from fusefs.sources.hosts import load_endpoints
@@ -32,14 +32,11 @@ def write_hosts(certs_d: Path, host: str, text: str) -> Path:
 
 async def read(tmp: Path, host: str, digest: str, factory: RegistrySourceFactory | None = None,
                **cfg: object) -> list[bytes]:
-    own = factory is None
-    factory = factory or RegistrySourceFactory(config_for(tmp, **cfg))
-    try:
-        source = await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=SMALL))
-        return await source.read_ranges(RANGES)
-    finally:
-        if own:
-            await factory.aclose()
+    if factory is None:
+        async with open_factory(tmp, **cfg) as own:
+            return await read(tmp, host, digest, own)
+    source = await factory.open(LayerSpec(ref=f"{host}/{REPO}:v1", digest=digest, size=SMALL))
+    return await source.read_ranges(RANGES)
 
 
 def blob_gets(proxy: FaultProxy) -> list[int]:
@@ -58,8 +55,7 @@ def test_mirror_first_then_origin_when_it_fails(anon_registry: Blobs, tmp_path: 
                     f'  [host."http://{mirror.host}".header]\n    x-test = "1"\n')
 
         async def body() -> None:
-            factory = RegistrySourceFactory(config_for(tmp_path, mirror_cooldown=3.0))
-            try:
+            async with open_factory(tmp_path, mirror_cooldown=3.0) as factory:
                 assert await read(tmp_path, origin.host, digest, factory) == want
                 assert blob_gets(mirror) == [206] and blob_gets(origin) == []
                 mirror.fail_next(100, status=502)
@@ -72,8 +68,6 @@ def test_mirror_first_then_origin_when_it_fails(anon_registry: Blobs, tmp_path: 
                 await trio.sleep(3.1)
                 assert await read(tmp_path, origin.host, digest, factory) == want
                 assert blob_gets(mirror) == [206, 502, 206]
-            finally:
-                await factory.aclose()
 
         run(body)
         assert idle.requests() == []  # a mirror without "pull" is never asked for blobs
