@@ -19,6 +19,7 @@ lock guards the accounting and the open-file cache. ``read`` is one dict lookup 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -28,6 +29,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fusefs.config import CacheConfig
@@ -179,10 +181,18 @@ class ChunkCache:
         Blocks on disk I/O (and fsync when configured): call it from a worker thread for large
         chunks. Never raises for I/O failures: the caller still has the bytes to serve.
         """
+        return self.put_pieces(layer_digest, key, len(data), (data,))
+
+    def put_pieces(self, layer_digest: str, key: str, size: int, pieces: Iterable[bytes]) -> bool:
+        """Store a chunk of ``size`` bytes written piece by piece, as :meth:`put`.
+
+        The chunk becomes visible only once ``pieces`` is exhausted: an exception it raises (a
+        verifying decoder's, at its end) propagates and leaves nothing behind. False also when
+        the pieces do not add up to ``size``.
+        """
         layer = layer_dirname(layer_digest)
         if _KEY_RE.fullmatch(key) is None:
             raise ValueError(f"invalid cache key {key!r}")
-        size = len(data)
         with self._lock:
             if key in self._layers.get(layer, {}):
                 return True
@@ -199,20 +209,29 @@ class ChunkCache:
             self._total += size  # reserve now so concurrent puts respect the bound
         path = self._chunks_dir / layer / key
         tmp = path.with_name(f".tmp-{key}-{secrets.token_hex(4)}")
+        written = 0
         try:
             path.parent.mkdir(exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(data)
+                for piece in pieces:
+                    written += len(piece)
+                    if written > size:
+                        break
+                    f.write(piece)
+                if written != size:
+                    raise OSError(errno.EINVAL, f"chunk pieces do not add up to {size} bytes")
                 if self._config.fsync:
                     f.flush()
                     os.fsync(f.fileno())
             os.rename(tmp, path)
-        except OSError as exc:
-            log.warning("could not cache chunk %s of layer %s: %s", key, layer, exc)
+        except BaseException as exc:
             with self._lock:
                 self._total -= size
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if not isinstance(exc, OSError):
+                raise
+            log.warning("could not cache chunk %s of layer %s: %s", key, layer, exc)
             return False
         with self._lock:
             if layer in self._forgotten:  # forgotten while we wrote: the delete missed this file

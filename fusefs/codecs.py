@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterator
 
 import zstandard
 
 from fusefs.errors import FormatError, IntegrityError, UnsupportedFormat
 from fusefs.index import Chunk, Codec
+
+# Streaming: decoded output and compressed input per step. A piece is a quarter MiB of heap,
+# where a whole 4 MiB chunk decoded at once costs twice its size (zlib joins its output blocks).
+PIECE_BYTES = 256 * 1024
+_INPUT_BYTES = 64 * 1024
 
 
 def decode(chunk: Chunk, compressed: bytes | memoryview) -> bytes:
@@ -22,61 +28,100 @@ def decode(chunk: Chunk, compressed: bytes | memoryview) -> bytes:
             returned wrong bytes; the caller must neither serve nor cache anything).
         UnsupportedFormat: a codec this build cannot decode.
     """
-    want = chunk.inner_offset + chunk.size
-    try:
-        if chunk.codec == Codec.GZIP:
-            out = _gunzip_prefix(compressed, want)
-        elif chunk.codec == Codec.ZSTD:
-            out = _unzstd_prefix(compressed, want)
-        elif chunk.codec == Codec.RAW:
-            out = bytes(compressed[:want])
-        else:
-            raise UnsupportedFormat(f"codec {chunk.codec.name} is not supported yet")
-    except (zlib.error, zstandard.ZstdError) as exc:
-        raise IntegrityError(f"chunk at blob offset {chunk.blob_offset} does not decode: {exc}") from exc
-    data = out[chunk.inner_offset:want]
-    if len(data) != chunk.size:
-        raise IntegrityError(
-            f"chunk at blob offset {chunk.blob_offset} decodes to {len(data)} bytes, expected {chunk.size}"
-        )
+    # one piece of the whole chunk: no join, no copy
+    data = b"".join(_pieces(chunk, compressed, chunk.inner_offset + chunk.size, len(compressed)))
     verify(chunk, data)
     return data
+
+
+def decoded_pieces(chunk: Chunk, compressed: bytes | memoryview) -> Iterator[bytes]:
+    """Yield the chunk's bytes in pieces of at most ``PIECE_BYTES``, for a writer that keeps
+    nothing visible until the end: the size and digest are checked only after the last piece,
+    where IntegrityError is raised as by :func:`decode`.
+    """
+    digest = hashlib.sha256()
+    for piece in _pieces(chunk, compressed, PIECE_BYTES, _INPUT_BYTES):
+        digest.update(piece)
+        yield piece
+    if digest.digest() != chunk.digest:
+        raise _mismatch(chunk)
 
 
 def verify(chunk: Chunk, data: bytes) -> None:
     """Raise IntegrityError unless sha256(data) is the chunk's digest."""
     if hashlib.sha256(data).digest() != chunk.digest:
+        raise _mismatch(chunk)
+
+
+def _mismatch(chunk: Chunk) -> IntegrityError:
+    return IntegrityError(f"chunk at blob offset {chunk.blob_offset} (file offset {chunk.file_offset}) "
+                          f"does not match sha256:{chunk.digest_hex}")
+
+
+def _pieces(chunk: Chunk, compressed: bytes | memoryview, out_step: int, in_step: int) -> Iterator[bytes]:
+    """The chunk's decoded bytes (its ``inner_offset`` skipped), at most ``out_step`` at a time;
+    raises IntegrityError when they do not decode or come out short."""
+    want = chunk.inner_offset + chunk.size
+    if chunk.codec == Codec.GZIP:
+        raw = _gunzip(compressed, want, out_step, in_step)
+    elif chunk.codec == Codec.ZSTD:
+        raw = _unzstd(compressed, want, out_step)
+    elif chunk.codec == Codec.RAW:
+        view = memoryview(compressed)[:want]
+        raw = (bytes(view[i:i + out_step]) for i in range(0, len(view), out_step))
+    else:
+        raise UnsupportedFormat(f"codec {chunk.codec.name} is not supported yet")
+    skip, got = chunk.inner_offset, 0
+    try:
+        for piece in raw:
+            if skip:
+                if len(piece) <= skip:
+                    skip -= len(piece)
+                    continue
+                piece, skip = piece[skip:], 0
+            got += len(piece)
+            yield piece
+    except (zlib.error, zstandard.ZstdError) as exc:
+        raise IntegrityError(f"chunk at blob offset {chunk.blob_offset} does not decode: {exc}") from exc
+    if got != chunk.size:
         raise IntegrityError(
-            f"chunk at blob offset {chunk.blob_offset} (file offset {chunk.file_offset}) "
-            f"does not match sha256:{chunk.digest_hex}"
+            f"chunk at blob offset {chunk.blob_offset} decodes to {got} bytes, expected {chunk.size}"
         )
 
 
-def _gunzip_prefix(data: bytes | memoryview, want: int) -> bytes:
+def _gunzip(data: bytes | memoryview, want: int, out_step: int, in_step: int) -> Iterator[bytes]:
     # Concatenated members continue the stream (innerOffset layouts span several members).
-    parts: list[bytes] = []
-    have = 0
-    while have < want and data:
-        d = zlib.decompressobj(wbits=31)
-        part = d.decompress(data, want - have)
-        parts.append(part)
-        have += len(part)
-        if have >= want or not d.eof:
-            break
-        data = d.unused_data
-    return b"".join(parts)
+    view = memoryview(data)
+    pos = have = 0
+    d = zlib.decompressobj(wbits=31)
+    pending: bytes | memoryview = b""
+    while have < want:
+        if not pending:
+            if pos >= len(view):
+                return  # input ends first: short
+            pending = view[pos:pos + in_step]
+            pos += len(pending)
+        part = d.decompress(pending, min(out_step, want - have))
+        pending = d.unconsumed_tail
+        if part:
+            have += len(part)
+            yield part
+        if d.eof:
+            pos -= len(d.unused_data) + len(pending)  # the next member starts after this one
+            pending = b""
+            if pos >= len(view):
+                return
+            d = zlib.decompressobj(wbits=31)
 
 
-def _unzstd_prefix(data: bytes | memoryview, want: int) -> bytes:
+def _unzstd(data: bytes | memoryview, want: int, out_step: int) -> Iterator[bytes]:
     reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
-    parts: list[bytes] = []
     have = 0
     while have < want:
-        part = reader.read(want - have)
+        part = reader.read(min(out_step, want - have))
         if not part:
-            break
-        parts.append(part)
+            return
+        if len(part) > want - have:
+            raise FormatError("zstd reader returned more than asked")
         have += len(part)
-    if have > want:
-        raise FormatError("zstd reader returned more than asked")
-    return b"".join(parts)
+        yield part

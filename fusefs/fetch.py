@@ -754,12 +754,13 @@ def _decode_and_store(cache: ChunkCache, layer_digest: str,
     outcomes: list[LayerError | bytes | None] = []
     for chunk, key, compressed in work:
         try:
-            data = codecs.decode(chunk, compressed)
+            # decoded straight into the cache file, a piece at a time: no chunk-sized buffer
+            if cache.put_pieces(layer_digest, key, chunk.size, codecs.decoded_pieces(chunk, compressed)):
+                outcomes.append(None)
+                continue
+            outcomes.append(codecs.decode(chunk, compressed))  # not kept: the caller holds it
         except LayerError as exc:
             outcomes.append(exc)
-            continue
-        outcomes.append(None if cache.put(layer_digest, key, data) else data)
-        del data  # not alive while the next chunk decodes
     return outcomes
 
 
