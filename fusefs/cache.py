@@ -175,7 +175,7 @@ class ChunkCache:
             self._hits += 1
             return data
 
-    def put(self, layer_digest: str, key: str, data: bytes) -> bool:
+    def put(self, layer_digest: str, key: str, data: bytes | bytearray) -> bool:
         """Store verified chunk bytes; False when they were not kept (full, or a disk error).
 
         Blocks on disk I/O (and fsync when configured): call it from a worker thread for large
@@ -183,7 +183,7 @@ class ChunkCache:
         """
         return self.put_pieces(layer_digest, key, len(data), (data,))
 
-    def put_pieces(self, layer_digest: str, key: str, size: int, pieces: Iterable[bytes]) -> bool:
+    def put_pieces(self, layer_digest: str, key: str, size: int, pieces: Iterable[bytes | bytearray]) -> bool:
         """Store a chunk of ``size`` bytes written piece by piece, as :meth:`put`.
 
         The chunk becomes visible only once ``pieces`` is exhausted: an exception it raises (a

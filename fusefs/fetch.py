@@ -26,6 +26,7 @@ import trio
 
 from fusefs import codecs
 from fusefs.cache import ChunkCache
+from fusefs.codecs import ChunkBytes
 from fusefs.config import FetchConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
 from fusefs.index import Chunk, LayerIndex, NodeId
@@ -147,7 +148,7 @@ def _again(exc: LayerError) -> LayerError:
 @dataclass(eq=False)
 class _Flight:
     event: trio.Event
-    data: bytes | None = None
+    data: ChunkBytes | None = None
     error: LayerError | None = None
 
 
@@ -185,8 +186,8 @@ class ChunkFetcher:
         self._inflight: dict[int, _Flight] = {}
         self._failures: dict[int, tuple[float, LayerError]] = {}
         self._writer = writer if writer is not None else CacheWriter(cache)
-        self._writing: dict[int, bytes] = {}  # verified, served, and on their way to the cache
-        self._recent: OrderedDict[int, bytes] = OrderedDict()
+        self._writing: dict[int, ChunkBytes] = {}  # verified, served, and on their way to the cache
+        self._recent: OrderedDict[int, ChunkBytes] = OrderedDict()
         self._recent_bytes = 0
         self._on_demand = self._background = self._chunks = self._bytes = 0
         self._integrity_failures = self._source_failures = 0
@@ -211,7 +212,7 @@ class ChunkFetcher:
         """Wait until the chunks fetched so far are written to the cache (or refused)."""
         await self._writer.flush()
 
-    def _held(self, cid: int) -> bytes | None:
+    def _held(self, cid: int) -> ChunkBytes | None:
         """A verified chunk's bytes that are not (yet) in the disk cache, if still held."""
         data = self._writing.get(cid)
         return data if data is not None else self._recent.get(cid)
@@ -235,14 +236,14 @@ class ChunkFetcher:
         if sequential and end < size and not self._ahead_running:
             self._start_ahead(node, end, size)
         cids = self.index.chunks_in(node, offset, end - offset)
-        parts: list[bytes | None] = []
+        parts: list[Buffer | None] = []
         missing: list[int] = []
         for cid in cids:
             lo, hi = self._slice(cid, offset, end)
-            data = self._cache.read(self.layer_digest, self.index.chunk_key(cid), lo, hi - lo)
+            data: Buffer | None = self._cache.read(self.layer_digest, self.index.chunk_key(cid), lo, hi - lo)
             if data is None and (self._writing or self._recent):
                 held = self._held(cid)
-                data = None if held is None else held[lo:hi]
+                data = None if held is None else memoryview(held)[lo:hi]
             parts.append(data)
             if data is None:
                 missing.append(cid)
@@ -253,7 +254,7 @@ class ChunkFetcher:
             for i, cid in enumerate(cids):
                 if parts[i] is None:
                     lo, hi = self._slice(cid, offset, end)
-                    parts[i] = fetched[cid][lo:hi]
+                    parts[i] = memoryview(fetched[cid])[lo:hi]  # copied once, by the join
         data = b"".join(p for p in parts if p is not None)
         self._reads += 1
         self._served += len(data)
@@ -491,7 +492,7 @@ class ChunkFetcher:
         return max(offset, start) - start, min(end, start + size) - start
 
     async def ensure(self, cids: Sequence[int], *, background: bool = False,
-                     collect: bool = True) -> dict[int, bytes]:
+                     collect: bool = True) -> dict[int, ChunkBytes]:
         """Fetch (or join the fetch of) each chunk not cached; return the bytes of each.
 
         ``background``: yield to on-demand fetches, and wait for the gate's background turn.
@@ -507,8 +508,8 @@ class ChunkFetcher:
                 return await self._ensure(cids, True, collect)
         return await self._ensure(cids, False, collect)
 
-    async def _ensure(self, cids: Sequence[int], background: bool, collect: bool) -> dict[int, bytes]:
-        result: dict[int, bytes] = {}
+    async def _ensure(self, cids: Sequence[int], background: bool, collect: bool) -> dict[int, ChunkBytes]:
+        result: dict[int, ChunkBytes] = {}
         pending = list(dict.fromkeys(cids))
         while pending:
             mine: list[int] = []
@@ -528,7 +529,7 @@ class ChunkFetcher:
                     if not (self.is_cached(cid) or cid in self._recent):
                         mine.append(cid)
                     continue
-                cached = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
+                cached: ChunkBytes | None = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
                 if cached is None:
                     cached = self._held(cid)
                 if cached is not None:
@@ -586,10 +587,10 @@ class ChunkFetcher:
         for flight in joined:
             await flight.event.wait()
 
-    async def _lead(self, cids: list[int], background: bool, collect: bool) -> dict[int, bytes]:
+    async def _lead(self, cids: list[int], background: bool, collect: bool) -> dict[int, ChunkBytes]:
         flights = {cid: _Flight(trio.Event()) for cid in cids}
         self._inflight.update(flights)
-        result: dict[int, bytes] = {}
+        result: dict[int, ChunkBytes] = {}
         try:
             chunks = {cid: self.index.chunk(cid) for cid in cids}
             runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks)
@@ -686,7 +687,7 @@ class ChunkFetcher:
                         c.digest_hex, exc)
         self._fail(cid, flight, exc)
 
-    async def _store(self, cid: int, data: bytes) -> None:
+    async def _store(self, cid: int, data: ChunkBytes) -> None:
         self._writing[cid] = data
 
         def done(kept: bool) -> None:
@@ -729,7 +730,7 @@ class ChunkFetcher:
         with self._gate.on_demand():
             return await self.source.read_ranges(ranges)
 
-    def _hold(self, cid: int, data: bytes) -> None:
+    def _hold(self, cid: int, data: ChunkBytes) -> None:
         # The cache did not keep this chunk (full of pinned layers, or a disk error). Keep the
         # latest few in memory: the kernel reads a chunk in many small pieces, and refetching
         # the whole chunk for each would multiply the traffic.
@@ -741,17 +742,17 @@ class ChunkFetcher:
         while self._recent_bytes > self._config.memory_bytes and self._recent:
             self._recent_bytes -= len(self._recent.popitem(last=False)[1])
 
-    async def _decode(self, chunk: Chunk, compressed: Buffer) -> bytes:
+    async def _decode(self, chunk: Chunk, compressed: Buffer) -> ChunkBytes:
         if len(compressed) >= self._config.thread_threshold:
             return await trio.to_thread.run_sync(codecs.decode, chunk, compressed)
         return codecs.decode(chunk, compressed)
 
 
 def _decode_and_store(cache: ChunkCache, layer_digest: str,
-                      work: list[tuple[Chunk, str, Buffer]]) -> list[LayerError | bytes | None]:
+                      work: list[tuple[Chunk, str, Buffer]]) -> list[LayerError | ChunkBytes | None]:
     """Worker thread: decode, verify and store each chunk; per chunk, None (stored), its bytes
     (verified, not kept) or the error."""
-    outcomes: list[LayerError | bytes | None] = []
+    outcomes: list[LayerError | ChunkBytes | None] = []
     for chunk, key, compressed in work:
         try:
             # decoded straight into the cache file, a piece at a time: no chunk-sized buffer

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import trio
 
 from fusefs.cache import ChunkCache
+from fusefs.codecs import ChunkBytes
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _BATCH_BYTES = 4 << 20
 class _Write:
     layer_digest: str
     key: str
-    data: bytes
+    data: ChunkBytes
     done: Callable[[bool], None]
 
 
@@ -58,7 +59,8 @@ class CacheWriter:
         """Chunks queued or being written."""
         return len(self._queue) + self._writing
 
-    async def submit(self, layer_digest: str, key: str, data: bytes, done: Callable[[bool], None]) -> None:
+    async def submit(self, layer_digest: str, key: str, data: ChunkBytes,
+                     done: Callable[[bool], None]) -> None:
         """Queue a verified chunk; ``done(kept)`` is called on the trio thread once it is stored
         (or not kept: cache full, or a disk error). Waits while the writer is over budget."""
         run = trio.lowlevel.current_trio_token()
