@@ -85,6 +85,9 @@ async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQ
         raise FormatError(f"{source.digest}: compressed TOC of {toc_len} bytes is out of bounds")
     if footer.toc_offset >= tail_start:
         toc_bytes = tail[footer.toc_offset - tail_start:footer.toc_end - tail_start]
+    elif footer.toc_end > tail_start:  # just the TOC head: the tail has the rest (minbase: 47 of 309 KB)
+        (head,) = await source.read_ranges([(footer.toc_offset, tail_start - footer.toc_offset)])
+        toc_bytes = head + tail[:footer.toc_end - tail_start]
     else:
         (toc_bytes,) = await source.read_ranges([(footer.toc_offset, toc_len)])
     return await trio.to_thread.run_sync(_index_one_at_a_time, toc_bytes, footer, size, opaque_xattr,

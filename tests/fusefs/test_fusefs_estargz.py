@@ -6,6 +6,7 @@ import base64
 import gzip
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -97,6 +98,8 @@ def test_toc_outside_the_first_tail_request_takes_one_more(case: contract.Case, 
     source = FileSource(case.blob, case.digest)
     trio.run(read_estargz, source).verify(case.toc_digest)
     assert source.counters.calls == 2 and source.history[0][0][1] == 64
+    (head,) = source.history[1]  # the TOC up to where the tail starts: no byte fetched twice
+    assert head[0] + head[1] == os.path.getsize(case.blob) - 64
     contract.check_tree(read_estargz, case, tmp_path)
 
 
