@@ -66,7 +66,7 @@ _MS_BIND = 4096
 _MNT_DETACH = 2
 _MAX_NEIGHBOURS = 128
 _RESOLUTION_HOLD = 120.0  # seconds a neighbour's index read ahead waits in memory for its mount
-RELEASE_INTERVAL = 0.25  # seconds between trims of the heap while chunks are fetched
+_RELEASE_INTERVAL = 0.25  # seconds between trims of the heap while chunks are fetched
 _libc = ctypes.CDLL(None, use_errno=True)
 _session_active = False
 
@@ -175,7 +175,7 @@ class LayerManager:
     async def _serve(self) -> None:
         # decode pieces and reply buffers are freed in every thread's malloc arena, where glibc
         # keeps them resident: numpy start peak RSS ~3 MiB lower with this
-        self._nursery.start_soon(release_while_busy, self._chunks_fetched, self._stopped, RELEASE_INTERVAL)
+        self._nursery.start_soon(release_while_busy, self._chunks_fetched, self._stopped, _RELEASE_INTERVAL)
         try:
             await pyfuse3.main()
         finally:
