@@ -16,10 +16,12 @@ from typing import Any
 from .errors import TOCError
 
 __all__ = [
+    "ASCII_NAME",
     "MAX_PATH",
     "MAX_U32",
     "MAX_U63",
     "NO_DIGEST",
+    "SHORT_NAME",
     "clean",
     "digest_bytes",
     "parse_time",
@@ -31,6 +33,10 @@ __all__ = [
 
 MAX_PATH = 4096
 _MAX_NAME = 255
+# A name this many characters long or less cannot break a byte limit (4 UTF-8 bytes each: 252
+# bytes), nor can an ASCII name of up to _MAX_NAME characters: such names skip the length checks.
+SHORT_NAME = _MAX_NAME // 4
+ASCII_NAME = _MAX_NAME
 MAX_U32 = (1 << 32) - 1
 MAX_U63 = (1 << 63) - 1
 NO_DIGEST = bytes(32)
@@ -253,7 +259,8 @@ def clean(name: object, field: str) -> list[str]:
     assert isinstance(name, str)
     if "\x00" in name:
         raise ValueError(f"{field} {name!r} contains a NUL byte")
-    if not name.startswith((".", "/")) and "/." not in name and "//" not in name and len(name) <= 63:
+    if (not name.startswith((".", "/")) and "/." not in name and "//" not in name
+            and (len(name) <= SHORT_NAME or (len(name) <= _MAX_NAME and name.isascii()))):
         # Fast path (nearly every name): no "." or ".." component, no empty component, and too
         # short for any length limit to matter.
         return name.rstrip("/").split("/") if name else []

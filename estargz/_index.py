@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import gc
 from array import array
-from collections import Counter
 from collections.abc import Iterator
 from itertools import accumulate, compress, islice
-from operator import itemgetter, lt
+from operator import lt
 from typing import Any
 
 from ._chunks import Codec
 from ._fields import (
+    ASCII_NAME,
     MAX_PATH,
     MAX_U32,
     MAX_U63,
     NO_DIGEST,
+    SHORT_NAME,
     clean,
     digest_bytes,
     parse_time,
@@ -96,12 +97,12 @@ class _Builder:
         self.cols: list[array[int]] = [array(code) for code in _COLUMNS]
         self.names: list[str] = []
         self.links: dict[int, str] = {}
-        self.digests: list[bytes] = []
+        self.digests = bytearray()  # 32 raw bytes per entry (zeros: none)
         self.xattrs: dict[int, tuple[tuple[str, bytes], ...]] = {}
         self.hardlinks: dict[int, int] = {}
         # file_off, size, off, end, inner, flags
         self.chunks: list[array[int]] = [array(code) for code in _CHUNK_COLUMNS]
-        self.chunk_digests: list[bytes] = []
+        self.chunk_digests = bytearray()  # 32 raw bytes per chunk
         self.by_path: dict[str, int] = {"": ROOT}
         self.live = bytearray()
         self.owner_names: list[str] = []
@@ -126,7 +127,7 @@ class _Builder:
                                           len(self.chunks[0])), strict=True):
             col.append(value)
         self.names.append(name)
-        self.digests.append(NO_DIGEST)
+        self.digests += NO_DIGEST
         self.live.append(1)
         return i
 
@@ -192,7 +193,7 @@ class _Builder:
         if (
             name.__class__ is not str
             or not name
-            or len(name) > 63
+            or (len(name) > SHORT_NAME and (len(name) > ASCII_NAME or not name.isascii()))
             or name.startswith((".", "/"))
             or "/." in name
             or "//" in name
@@ -301,7 +302,7 @@ class _Builder:
         cols[_LINK].append(-1)
         cols[_CSTART].append(len(chunks[0]))
         self.names.append(base)
-        self.digests.append(digest)
+        self.digests += digest
         self.live.append(1)
         by_path[path] = i
         if link is not None:
@@ -317,7 +318,7 @@ class _Builder:
                 chunks[3].append(0)
                 chunks[4].append(0)
                 chunks[5].append(0)
-                self.chunk_digests.append(chunk_digest)
+                self.chunk_digests += chunk_digest
                 self.current_end = csize
         else:
             self.current_file = -1
@@ -434,7 +435,7 @@ class _Builder:
         self.cols[_SIZE][i] = size
         digest = e.get("digest")
         if digest is not None:
-            self.digests[i] = digest_bytes(digest, "digest")
+            self.digests[32 * i:32 * i + 32] = digest_bytes(digest, "digest")
         self.current_file = i
         self.current_end = 0
         if size:
@@ -490,17 +491,21 @@ class _Builder:
             self._append_chunk(file_off, csize, offset, end, inner, 0)
         chunk_digest = e.get("chunkDigest")
         if chunk_digest is None:
-            self.chunk_digests.append(NO_DIGEST)
+            self.chunk_digests += NO_DIGEST
             self.chunk_digest_missing.append(len(self.chunks[0]) - 1)
         elif chunk_digest == e.get("digest"):
-            self.chunk_digests.append(self.digests[i])  # already parsed and validated
+            self.chunk_digests += self.digests[32 * i:32 * i + 32]  # already parsed and validated
         else:
-            self.chunk_digests.append(digest_bytes(chunk_digest, "chunkDigest"))
+            self.chunk_digests += digest_bytes(chunk_digest, "chunkDigest")
 
     # -- finish ---------------------------------------------------------------------------------
     def finish(self) -> TOC:
         if self.current_file >= 0:
             self._check_file_complete(self.current_file)
+        # The walk's lookups are over: drop what only they needed before this allocates (the
+        # paths are most of the builder's memory, and this is where indexing peaks).
+        self.by_path = {}
+        self.time_cache = {}
         n = len(self.cols[_TYPE])
         toc = TOC()
         (
@@ -533,28 +538,33 @@ class _Builder:
         self.chunks = []
         self._compute_ends(c_off, c_end, c_inner, c_flags)
         self._fill_missing_chunk_digests(chunk_start)
-        names = [s.encode("utf-8") for s in self.names]
-        toc._name_off = _offsets(names)
-        toc._name_blob = b"".join(names)
-        links = [self.links.get(i, "").encode("utf-8") for i in range(n)] if self.links else [b""] * n
-        toc._link_off = _offsets(links)
-        toc._link_blob = b"".join(links)
-        # children, sorted by UTF-8 name (code point order equals UTF-8 byte order)
+        toc._digest, self.digests = bytes(self.digests), bytearray()
+        toc._chunk_digest, self.chunk_digests = bytes(self.chunk_digests), bytearray()
+        # children, sorted by UTF-8 name (code point order equals UTF-8 byte order), then, the
+        # sort being stable, by parent: ordered by (parent, name) with no tuple per entry
         parent = toc._parent
         self.live[ROOT] = 0  # the root is nobody's child
-        kids = sorted(compress(zip(parent, self.names, range(n), strict=True), self.live))
-        toc._child_list = array("I", map(itemgetter(2), kids))
-        counts = [0] * n
-        for p, c in Counter(map(itemgetter(0), kids)).items():
-            counts[p] = c
+        kids = list(compress(range(n), self.live))
+        kids.sort(key=self.names.__getitem__)
+        kids.sort(key=parent.__getitem__)
+        toc._child_list = array("I", kids)
+        counts = array("I", bytes(4 * n))
+        for p in map(parent.__getitem__, kids):
+            counts[p] += 1
+        del kids
         toc._child_start = array("I", accumulate(counts, initial=0))
+        del counts
+        toc._name_off, toc._name_blob = _blob(self.names)
+        self.names = []
+        links = [self.links.get(i, "") for i in range(n)] if self.links else [""] * n
+        toc._link_off, toc._link_blob = _blob(links)
+        del links
         toc._owner_names = self.owner_names
         toc._hardlinks = self.hardlinks
-        toc._digest = b"".join(self.digests)
         toc._xattrs = self.xattrs
         toc._chunk_file_off, toc._chunk_size = c_file_off, c_size
         toc._chunk_off, toc._chunk_end, toc._chunk_inner = c_off, c_end, c_inner
-        toc._chunk_flags, toc._chunk_digest = c_flags, b"".join(self.chunk_digests)
+        toc._chunk_flags = c_flags
         landmark = self.hidden.get(".prefetch.landmark")
         toc.prefetch_landmark_offset = None
         if landmark is not None and chunk_start[landmark + 1] > chunk_start[landmark]:
@@ -621,11 +631,20 @@ class _Builder:
         for k in self.chunk_digest_missing:
             i = owner.get(k)
             if i is not None:
-                self.chunk_digests[k] = self.digests[i]
+                self.chunk_digests[32 * k:32 * k + 32] = self.digests[32 * i:32 * i + 32]
 
 
-def _offsets(parts: list[bytes]) -> array[int]:
-    return array("Q", accumulate(map(len, parts), initial=0))
+def _blob(texts: list[str]) -> tuple[array[int], bytes]:
+    """``texts`` UTF-8 encoded end to end, and the offset where each starts (and the end)."""
+    joined = "".join(texts)
+    if joined.isascii():  # one byte per character: no bytes object per text
+        return array("Q", accumulate(map(len, texts), initial=0)), joined.encode("ascii")
+    del joined
+    try:
+        parts = [t.encode("utf-8") for t in texts]
+    except UnicodeEncodeError as exc:  # JSON may escape a lone surrogate, which UTF-8 cannot hold
+        raise TOCError(f"TOC name or link target {exc.object[:200]!r} is not valid Unicode") from None
+    return array("Q", accumulate(map(len, parts), initial=0)), b"".join(parts)
 
 
 def index_toc_json(

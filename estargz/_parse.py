@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_MAX_TOC_SIZE", "TOC_TAR_NAME", "parse_toc", "parse_toc_json"
 DEFAULT_MAX_TOC_SIZE = 256 << 20
 TOC_TAR_NAME = "stargz.index.json"
 _BLOCK = 512
-_PIECE = 1 << 20  # decompressed TOC JSON is walked in pieces of this size
+_PIECE = 256 << 10  # decompressed TOC JSON is walked in pieces of this size
 
 
 def parse_toc(

@@ -260,6 +260,23 @@ def test_duplicates() -> None:
     assert d is not None and toc.mode(d) == 0o700 and toc.uid(d) == 7 and toc.children(d).tolist() != []
 
 
+def test_names_that_utf8_cannot_hold_are_refused() -> None:
+    # JSON can escape a lone surrogate; no file name on disk can be one
+    raises_toc("not valid Unicode", reg("a\udc80b"))
+    raises_toc("surrogates not allowed", reg("d/" + "x" * 100 + "\udc80"))  # the long-name path
+    raises_toc("not valid Unicode", {"name": "l", "type": "symlink", "linkName": "\ud800"})
+
+
+def test_long_ascii_and_short_unicode_names_are_taken_whole() -> None:
+    long_ascii = "/".join(["p" * 60] * 4)  # 243 characters: past the old 63-character fast path
+    unicode_name = "\u00e9" * 63  # 126 UTF-8 bytes
+    toc = toc_of(reg(long_ascii, offset=100), reg(unicode_name, offset=200))
+    assert sorted(toc.path(k) for k in toc.iter_tree()) == sorted(
+        ["p" * 60, "/".join(["p" * 60] * 2), "/".join(["p" * 60] * 3), long_ascii, unicode_name])
+    raises_toc("longer than 255", reg("q" * 256))
+    raises_toc("longer than 255", reg("\u00e9" * 128))
+
+
 def test_hardlinks() -> None:
     raises_toc("not an earlier entry", {"name": "l", "type": "hardlink", "linkName": "missing"})
     raises_toc("not an earlier entry", {"name": "l", "type": "hardlink", "linkName": "a"}, reg("a"))
