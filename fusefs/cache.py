@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fusefs.config import CacheConfig
 from fusefs.errors import FormatError
@@ -84,6 +85,56 @@ class VerifyResult:
 def _sha256_file(path: os.PathLike[str] | str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class StagedChunk:
+    """A verified chunk in a file the cache does not serve yet (:meth:`ChunkCache.stage`).
+
+    Its bytes are read back with :meth:`pread` until :meth:`close`; after that, from the cache
+    by ``key`` if :meth:`ChunkCache.commit` kept it. Close it on the thread that reads it: a
+    read racing a close elsewhere could meet another file that took over the descriptor.
+    """
+
+    __slots__ = ("_fd", "key", "layer", "settled", "size", "tmp")
+
+    def __init__(self, layer: str, key: str, size: int, tmp: Path, fd: int) -> None:
+        self.layer = layer
+        self.key = key
+        self.size = size
+        self.tmp = tmp
+        self.settled = False  # committed or discarded: the reservation is no longer this file's
+        self._fd = fd
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("staged chunk is closed")
+        return self._fd
+
+    def pread(self, offset: int, length: int) -> bytes | None:
+        """Bytes ``[offset, offset+length)`` of the chunk; None once closed or unreadable."""
+        if self._fd < 0:
+            return None
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError:
+            return None
+        return data if len(data) == min(length, self.size - offset) else None
+
+    def close(self) -> None:
+        """Release the file (it stays in the cache if committed; it is gone otherwise)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    with memoryview(data) as view:
+        while view:
+            view = view[os.write(fd, view):]
 
 
 class ChunkCache:
@@ -190,14 +241,32 @@ class ChunkCache:
         verifying decoder's, at its end) propagates and leaves nothing behind. False also when
         the pieces do not add up to ``size``.
         """
+        if self.contains(layer_digest, key):
+            return True
+        staged = self.stage(layer_digest, key, size, pieces)
+        if staged is None:
+            return False
+        try:
+            return self.commit(staged)
+        finally:
+            staged.close()
+
+    def stage(self, layer_digest: str, key: str, size: int,
+              pieces: Iterable[bytes | bytearray]) -> StagedChunk | None:
+        """Write a chunk's pieces to a file of its own that the cache does not serve yet.
+
+        The first half of :meth:`put_pieces`, for a caller that serves the chunk from the
+        file (:meth:`StagedChunk.pread`) while :meth:`commit` makes it durable and visible.
+        Its size is reserved against the bound from now on. None when it is not kept (the
+        cache is full, a disk error, pieces that do not add up to ``size``); an exception
+        ``pieces`` raises propagates and leaves nothing behind. Close the result when done.
+        """
         layer = layer_dirname(layer_digest)
         if _KEY_RE.fullmatch(key) is None:
             raise ValueError(f"invalid cache key {key!r}")
         with self._lock:
-            if key in self._layers.get(layer, {}):
-                return True
             if layer in self._forgotten:
-                return False
+                return None
             if not self._evict_locked(size):
                 self._not_kept += 1
                 now = time.monotonic()
@@ -205,32 +274,48 @@ class ChunkCache:
                     self._last_full_log = now
                     log.warning("chunk cache full of mounted layers (%d of %d bytes): serving "
                                 "chunks without keeping them", self._total, self._config.max_bytes)
-                return False
+                return None
             self._total += size  # reserve now so concurrent puts respect the bound
         path = self._chunks_dir / layer / key
         tmp = path.with_name(f".tmp-{key}-{secrets.token_hex(4)}")
+        fd = -1
         written = 0
         try:
             path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                for piece in pieces:
-                    written += len(piece)
-                    if written > size:
-                        break
-                    f.write(piece)
-                if written != size:
-                    raise OSError(errno.EINVAL, f"chunk pieces do not add up to {size} bytes")
-                if self._config.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.rename(tmp, path)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            for piece in pieces:
+                written += len(piece)
+                if written > size:
+                    break
+                _write_all(fd, piece)
+            if written != size:
+                raise OSError(errno.EINVAL, f"chunk pieces do not add up to {size} bytes")
         except BaseException as exc:
-            with self._lock:
-                self._total -= size
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            self._unreserve(size, tmp, fd)
             if not isinstance(exc, OSError):
                 raise
+            log.warning("could not cache chunk %s of layer %s: %s", key, layer, exc)
+            return None
+        return StagedChunk(layer, key, size, tmp, fd)
+
+    def commit(self, staged: StagedChunk) -> bool:
+        """Make a staged chunk part of the cache: fsync (when configured), rename into place.
+
+        False when it is not kept (a disk error, or its layer was forgotten meanwhile); its
+        reservation is given back then. Blocks on disk I/O: call it from a worker thread. The
+        staged file stays readable through ``staged`` until it is closed, either way.
+        """
+        layer, key, size = staged.layer, staged.key, staged.size
+        if staged.settled:
+            raise ValueError(f"staged chunk {key} was already committed or discarded")
+        staged.settled = True
+        path = self._chunks_dir / layer / key
+        try:
+            if self._config.fsync:
+                os.fsync(staged.fd)
+            os.rename(staged.tmp, path)
+        except OSError as exc:
+            self._unreserve(size, staged.tmp, -1)
             log.warning("could not cache chunk %s of layer %s: %s", key, layer, exc)
             return False
         with self._lock:
@@ -248,6 +333,21 @@ class ChunkCache:
                 self._lru[(layer, key)] = None
             self._stored += 1
         return True
+
+    def discard(self, staged: StagedChunk) -> None:
+        """Give up a staged chunk that will not be committed: its file and its reservation."""
+        staged.close()
+        if not staged.settled:
+            staged.settled = True
+            self._unreserve(staged.size, staged.tmp, -1)
+
+    def _unreserve(self, size: int, tmp: Path, fd: int) -> None:
+        with self._lock:
+            self._total -= size
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
     def forget_layer(self, layer_digest: str) -> None:
         """Delete everything cached for a layer that is released for good."""

@@ -25,7 +25,7 @@ from typing import TypeAlias
 import trio
 
 from fusefs import codecs
-from fusefs.cache import ChunkCache
+from fusefs.cache import ChunkCache, StagedChunk
 from fusefs.codecs import ChunkBytes
 from fusefs.config import FetchConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
@@ -37,9 +37,14 @@ from fusefs.writer import CacheWriter
 log = logging.getLogger(__name__)
 
 Buffer: TypeAlias = bytes | memoryview  # fetched bytes, or a view of a coalesced run
+Held: TypeAlias = ChunkBytes | StagedChunk  # a verified chunk not read from the cache
 _Run: TypeAlias = tuple[int, int, list[int]]  # blob start, blob end, chunk ids
 SEQUENTIAL_AHEAD_BYTES = 8 << 20  # file bytes fetched ahead of a sequential reader
 STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on (``collect=False``)
+# A chunk at least this large that a reader waits for is decoded into a file of the cache and
+# served from there, not from a buffer of its size (see ``_complete_staged``)
+STAGE_BYTES = 1 << 20
+_READ_ATTEMPTS = 3
 
 
 class PriorityGate:
@@ -148,7 +153,7 @@ def _again(exc: LayerError) -> LayerError:
 @dataclass(eq=False)
 class _Flight:
     event: trio.Event
-    data: ChunkBytes | None = None
+    data: Held | None = None
     error: LayerError | None = None
 
 
@@ -186,7 +191,7 @@ class ChunkFetcher:
         self._inflight: dict[int, _Flight] = {}
         self._failures: dict[int, tuple[float, LayerError]] = {}
         self._writer = writer if writer is not None else CacheWriter(cache)
-        self._writing: dict[int, ChunkBytes] = {}  # verified, served, and on their way to the cache
+        self._writing: dict[int, Held] = {}  # verified, served, and on their way to the cache
         self._recent: OrderedDict[int, ChunkBytes] = OrderedDict()
         self._recent_bytes = 0
         self._on_demand = self._background = self._chunks = self._bytes = 0
@@ -212,10 +217,20 @@ class ChunkFetcher:
         """Wait until the chunks fetched so far are written to the cache (or refused)."""
         await self._writer.flush()
 
-    def _held(self, cid: int) -> ChunkBytes | None:
+    def _held(self, cid: int) -> Held | None:
         """A verified chunk's bytes that are not (yet) in the disk cache, if still held."""
         data = self._writing.get(cid)
         return data if data is not None else self._recent.get(cid)
+
+    def _piece(self, data: Held | None, lo: int, hi: int) -> Buffer | None:
+        """Bytes ``[lo, hi)`` of a chunk held in memory or staged; None if no longer held."""
+        if data is None:
+            return None
+        if isinstance(data, StagedChunk):
+            piece = data.pread(lo, hi - lo)
+            # closed once committed: the cache has it now, unless it was evicted since
+            return piece if piece is not None else self._cache.read(self.layer_digest, data.key, lo, hi - lo)
+        return memoryview(data)[lo:hi]
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -242,19 +257,26 @@ class ChunkFetcher:
             lo, hi = self._slice(cid, offset, end)
             data: Buffer | None = self._cache.read(self.layer_digest, self.index.chunk_key(cid), lo, hi - lo)
             if data is None and (self._writing or self._recent):
-                held = self._held(cid)
-                data = None if held is None else memoryview(held)[lo:hi]
+                data = self._piece(self._held(cid), lo, hi)
             parts.append(data)
             if data is None:
                 missing.append(cid)
         if missing:
             wanted = missing + self._neighbours(missing[-1], missing[0])
             self._speculate(node, wanted)
-            fetched = await self.ensure(wanted)
-            for i, cid in enumerate(cids):
-                if parts[i] is None:
-                    lo, hi = self._slice(cid, offset, end)
-                    parts[i] = memoryview(fetched[cid])[lo:hi]  # copied once, by the join
+            for _ in range(_READ_ATTEMPTS):
+                fetched = await self.ensure(wanted)
+                for i, cid in enumerate(cids):
+                    if parts[i] is None:
+                        lo, hi = self._slice(cid, offset, end)
+                        parts[i] = self._piece(fetched.get(cid), lo, hi)  # copied once, by the join
+                # a staged chunk evicted between its commit and this read: fetch it again
+                wanted = [cid for cid, part in zip(cids, parts, strict=True) if part is None]
+                if not wanted:
+                    break
+            else:
+                raise SourceError(f"layer {self.layer_digest}: chunks of node {node} were evicted "
+                                  f"{_READ_ATTEMPTS} times before they could be read")
         data = b"".join(p for p in parts if p is not None)
         self._reads += 1
         self._served += len(data)
@@ -492,8 +514,9 @@ class ChunkFetcher:
         return max(offset, start) - start, min(end, start + size) - start
 
     async def ensure(self, cids: Sequence[int], *, background: bool = False,
-                     collect: bool = True) -> dict[int, ChunkBytes]:
-        """Fetch (or join the fetch of) each chunk not cached; return the bytes of each.
+                     collect: bool = True) -> dict[int, Held]:
+        """Fetch (or join the fetch of) each chunk not cached; return the bytes of each (a
+        large chunk fetched here comes as a :class:`StagedChunk` to read from).
 
         ``background``: yield to on-demand fetches, and wait for the gate's background turn.
         ``collect=False``: return nothing and hold no bytes beyond one request's (prefetch,
@@ -508,8 +531,8 @@ class ChunkFetcher:
                 return await self._ensure(cids, True, collect)
         return await self._ensure(cids, False, collect)
 
-    async def _ensure(self, cids: Sequence[int], background: bool, collect: bool) -> dict[int, ChunkBytes]:
-        result: dict[int, ChunkBytes] = {}
+    async def _ensure(self, cids: Sequence[int], background: bool, collect: bool) -> dict[int, Held]:
+        result: dict[int, Held] = {}
         pending = list(dict.fromkeys(cids))
         while pending:
             mine: list[int] = []
@@ -529,7 +552,7 @@ class ChunkFetcher:
                     if not (self.is_cached(cid) or cid in self._recent):
                         mine.append(cid)
                     continue
-                cached: ChunkBytes | None = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
+                cached: Held | None = self._cache.read(self.layer_digest, self.index.chunk_key(cid))
                 if cached is None:
                     cached = self._held(cid)
                 if cached is not None:
@@ -587,10 +610,10 @@ class ChunkFetcher:
         for flight in joined:
             await flight.event.wait()
 
-    async def _lead(self, cids: list[int], background: bool, collect: bool) -> dict[int, ChunkBytes]:
+    async def _lead(self, cids: list[int], background: bool, collect: bool) -> dict[int, Held]:
         flights = {cid: _Flight(trio.Event()) for cid in cids}
         self._inflight.update(flights)
-        result: dict[int, ChunkBytes] = {}
+        result: dict[int, Held] = {}
         try:
             chunks = {cid: self.index.chunk(cid) for cid in cids}
             runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks)
@@ -618,8 +641,12 @@ class ChunkFetcher:
                     for cid in members:
                         c = chunks[cid]
                         flight = flights[cid]
-                        error = await self._complete(cid, c, whole[c.blob_offset - start:c.blob_end - start],
-                                                     flight)
+                        compressed = whole[c.blob_offset - start:c.blob_end - start]
+                        if c.size >= STAGE_BYTES:
+                            error = await self._complete_staged(cid, c, compressed, flight)
+                        else:
+                            error = await self._complete(cid, c, compressed, flight)
+                        del compressed
                         del flights[cid]
                         first_error = first_error or error
                         if collect and flight.data is not None:
@@ -640,8 +667,10 @@ class ChunkFetcher:
             del self._inflight[cid]
         flight.event.set()
 
-    async def _complete(self, cid: int, c: Chunk, compressed: Buffer, flight: _Flight) -> LayerError | None:
-        """Decode, verify and cache one fetched chunk into its flight; return its error if any."""
+    async def _complete(self, cid: int, c: Chunk, compressed: Buffer, flight: _Flight, *,
+                        store: bool = True) -> LayerError | None:
+        """Decode, verify and cache one fetched chunk into its flight; return its error if any.
+        ``store=False``: the cache already refused it, hold it in memory only."""
         try:
             data = await self._decode(c, compressed)
         except LayerError as exc:
@@ -649,7 +678,39 @@ class ChunkFetcher:
             return exc
         flight.data = data
         self._chunks += 1
-        await self._store(cid, data)
+        if store:
+            await self._store(cid, data)
+        else:
+            self.not_kept += 1
+            self._hold(cid, data)
+        return None
+
+    async def _complete_staged(self, cid: int, c: Chunk, compressed: Buffer,
+                               flight: _Flight) -> LayerError | None:
+        """As :meth:`_complete`, for a large chunk: decoded a piece at a time into a staged cache
+        file and served from it while the writer commits it, so a 4 MiB chunk a reader waits for
+        costs a piece of memory, not 4 MiB until the writer is done with it."""
+        key = self.index.chunk_key(cid)
+        try:
+            staged = await trio.to_thread.run_sync(self._cache.stage, self.layer_digest, key, c.size,
+                                                   codecs.decoded_pieces(c, compressed))
+        except LayerError as exc:
+            self._failed(cid, c, flight, exc)
+            return exc
+        if staged is None:  # the cache cannot keep it (full, a disk error): held in memory
+            return await self._complete(cid, c, compressed, flight, store=False)
+        flight.data = staged
+        self._chunks += 1
+        self._writing[cid] = staged
+
+        def done(kept: bool) -> None:
+            if self._writing.get(cid) is staged:
+                del self._writing[cid]
+            if not kept:
+                self.not_kept += 1
+            staged.close()  # here, on the thread that reads it (see StagedChunk)
+
+        self._writer.submit_staged(staged, done)
         return None
 
     async def _complete_stored(self, start: int, whole: Buffer, members: list[int], chunks: dict[int, Chunk],

@@ -7,7 +7,9 @@ thread, the fsyncs of small chunks held the event loop for ~2.6 s of a 10 s nump
 
 The caller keeps the bytes reachable until its ``done`` callback says whether the cache kept
 them, so a chunk is never fetched twice while it waits here. Memory is bounded: ``submit``
-waits while more than ``budget`` bytes are queued.
+waits while more than ``budget`` bytes are queued. A large chunk can come already written to a
+file of its own (``submit_staged``, :meth:`ChunkCache.stage`): then only its fsync and rename
+are left, and it costs no memory while it waits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from fusefs.cache import ChunkCache
+from fusefs.cache import ChunkCache, StagedChunk
 from fusefs.codecs import ChunkBytes
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,13 @@ _BATCH_BYTES = 4 << 20
 class _Write:
     layer_digest: str
     key: str
-    data: ChunkBytes
+    data: ChunkBytes | StagedChunk
     done: Callable[[bool], None]
+
+    @property
+    def held(self) -> int:
+        """Bytes of memory the queued item holds (a staged chunk's are on disk)."""
+        return 0 if isinstance(self.data, StagedChunk) else len(self.data)
 
 
 class CacheWriter:
@@ -63,17 +70,30 @@ class CacheWriter:
                      done: Callable[[bool], None]) -> None:
         """Queue a verified chunk; ``done(kept)`` is called on the trio thread once it is stored
         (or not kept: cache full, or a disk error). Waits while the writer is over budget."""
-        run = trio.lowlevel.current_trio_token()
-        if self._worker_run is not run:  # first use, or a new trio run (tests): the old worker is gone
-            self._worker_run = run
-            self._queue.clear()
-            self._queued_bytes = self._writing = 0
-            trio.lowlevel.spawn_system_task(self._run, name="lazysnap cache writer")
+        self._start()
         while self._queued_bytes and self._queued_bytes + len(data) > self._budget:
             await self._changed.park()
         self._queue.append(_Write(layer_digest, key, data, done))
         self._queued_bytes += len(data)
         self._wake.set()
+
+    def submit_staged(self, staged: StagedChunk, done: Callable[[bool], None]) -> None:
+        """Queue a staged chunk for :meth:`ChunkCache.commit`; ``done(kept)`` as for ``submit``.
+        Never waits: the chunk's bytes are already on disk."""
+        self._start()
+        self._queue.append(_Write(staged.layer, staged.key, staged, done))
+        self._wake.set()
+
+    def _start(self) -> None:
+        run = trio.lowlevel.current_trio_token()
+        if self._worker_run is not run:  # first use, or a new trio run (tests): the old worker is gone
+            self._worker_run = run
+            for item in self._queue:
+                if isinstance(item.data, StagedChunk):
+                    self._cache.discard(item.data)
+            self._queue.clear()
+            self._queued_bytes = self._writing = 0
+            trio.lowlevel.spawn_system_task(self._run, name="lazysnap cache writer")
 
     async def flush(self) -> None:
         """Return once everything submitted so far is stored (or refused)."""
@@ -95,7 +115,7 @@ class CacheWriter:
                     log.exception("cache writer: unexpected error storing %d chunks", len(batch))
                     kept = [False] * len(batch)
                 self._writing = 0
-                self._queued_bytes -= sum(len(item.data) for item in batch)
+                self._queued_bytes -= sum(item.held for item in batch)
                 for item, ok in zip(batch, kept, strict=True):
                     try:
                         item.done(ok)
@@ -109,10 +129,11 @@ class CacheWriter:
         while self._queue and (not batch or size < _BATCH_BYTES):
             item = self._queue.popleft()
             batch.append(item)
-            size += len(item.data)
+            size += len(item.data)  # a staged chunk's fsync costs about its size too
         self._writing = len(batch)
         return batch
 
 
 def _store(cache: ChunkCache, batch: list[_Write]) -> list[bool]:
-    return [cache.put(item.layer_digest, item.key, item.data) for item in batch]
+    return [cache.commit(item.data) if isinstance(item.data, StagedChunk)
+            else cache.put(item.layer_digest, item.key, item.data) for item in batch]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,55 @@ def test_layer_digests_are_validated(tmp_path: Path, digest: str) -> None:
 def test_keys_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         _cache(tmp_path).put(A, "../x", b"x")
+
+
+def _tmp_files(path: Path) -> list[str]:
+    return [p.name for p in (path / "chunks").rglob(".tmp-*")]
+
+
+def test_a_staged_chunk_is_read_from_its_file_and_visible_only_once_committed(tmp_path: Path) -> None:
+    cache = _cache(tmp_path, max_bytes=25)
+    staged = cache.stage(A, "k1", 10, [b"01234", b"56789"])
+    assert staged is not None and len(staged) == 10
+    assert staged.pread(2, 3) == b"234" and staged.pread(8, 100) == b"89"
+    assert not cache.contains(A, "k1") and cache.read(A, "k1") is None
+    assert cache.statistics().bytes_cached == 10  # reserved while staged
+    assert cache.stage(A, "k2", 20, [b"x" * 20]) is None  # the reservation counts against the bound
+    assert cache.commit(staged)
+    assert cache.read(A, "k1") == b"0123456789" and _tmp_files(tmp_path) == []
+    assert staged.pread(0, 4) == b"0123"  # still open: readable until closed
+    staged.close()
+    assert staged.pread(0, 4) is None
+    with pytest.raises(ValueError, match="already committed"):
+        cache.commit(staged)
+    cache.discard(staged)  # settled: nothing to give back
+    assert cache.statistics().bytes_cached == 10 and cache.read(A, "k1") == b"0123456789"
+
+
+def test_a_discarded_or_failed_stage_leaves_nothing(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
+    staged = cache.stage(A, "k1", 4, [b"abcd"])
+    assert staged is not None
+    cache.discard(staged)
+    assert staged.pread(0, 1) is None and _tmp_files(tmp_path) == []
+    assert cache.statistics().bytes_cached == 0 and not cache.contains(A, "k1")
+
+    def failing() -> Iterator[bytes]:
+        yield b"ab"
+        raise RuntimeError("digest mismatch")
+
+    with pytest.raises(RuntimeError):
+        cache.stage(A, "k2", 4, failing())
+    assert cache.stage(A, "k3", 4, [b"abc"]) is None  # pieces short of the size
+    assert cache.stage(A, "k3", 4, [b"abc", b"de"]) is None  # and past it
+    assert _tmp_files(tmp_path) == [] and cache.statistics().bytes_cached == 0
+
+
+def test_a_staged_chunk_of_a_forgotten_layer_is_not_kept(tmp_path: Path) -> None:
+    cache = _cache(tmp_path)
+    staged = cache.stage(A, "k1", 4, [b"abcd"])
+    assert staged is not None
+    cache.forget_layer(A)
+    assert not cache.commit(staged)
+    staged.close()
+    assert cache.statistics().bytes_cached == 0 and cache.read(A, "k1") is None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import threading
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
-from fusefs.cache import ChunkCache
+from fusefs import fetch
+from fusefs.cache import ChunkCache, StagedChunk
 from fusefs.config import CacheConfig
 from fusefs.fetch import ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
@@ -21,17 +24,18 @@ from tests.fusefs.test_fusefs_fetch import BIG, CASE, GatedSource, _node
 
 
 class SlowDiskCache(ChunkCache):
-    """A ChunkCache whose puts wait (in the writer's thread) until the test releases the disk."""
+    """A ChunkCache whose commits (every store: ``put`` and staged chunks) wait, in the writer's
+    thread, until the test releases the disk."""
 
     def __init__(self, config: CacheConfig) -> None:
         super().__init__(config)
         self.disk = threading.Event()
         self.puts = 0
 
-    def put(self, layer_digest: str, key: str, data: bytes) -> bool:
+    def commit(self, staged: StagedChunk) -> bool:
         self.disk.wait(30)
         self.puts += 1
-        return super().put(layer_digest, key, data)
+        return super().commit(staged)
 
 
 def _fetcher(tmp_path: Path, cache: ChunkCache, writer: CacheWriter | None = None
@@ -116,8 +120,14 @@ def test_a_new_trio_run_gets_a_new_worker(tmp_path: Path) -> None:
     assert done == [True, True]
 
 
-def test_a_chunk_is_served_while_the_rest_of_its_request_waits_for_the_writer(tmp_path: Path) -> None:
-    """Each chunk's waiters go on once it is verified, not when its whole request is stored."""
+@pytest.mark.parametrize("staged", [False, True], ids=["in-memory", "staged"])
+def test_a_chunk_is_served_while_the_rest_of_its_request_waits_for_the_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: bool) -> None:
+    """Each chunk's waiters go on once it is verified, not when its whole request is stored.
+    In memory, the second chunk waits for room at the writer; staged (the 1 MiB chunks are
+    decoded into cache files), it costs the writer no memory and is queued at once."""
+    if not staged:
+        monkeypatch.setattr(fetch, "STAGE_BYTES", 1 << 30)
     cache = SlowDiskCache(CacheConfig(tmp_path / "cache", fsync=False))
     source, fetcher = _fetcher(tmp_path, cache)
     node = _node(fetcher.index, BIG)
@@ -144,7 +154,14 @@ def test_a_chunk_is_served_while_the_rest_of_its_request_waits_for_the_writer(tm
                 with trio.move_on_after(10):
                     while not got:
                         await trio.sleep(0.01)
-                assert cache.puts == 0 and fetcher._writer.pending == 1
+                if not staged:
+                    assert cache.puts == 0 and fetcher._writer.pending == 1
+                else:
+                    with trio.move_on_after(10):
+                        while fetcher._writer.pending < 2:
+                            await trio.sleep(0.01)
+                    assert cache.puts == 0 and fetcher._writer.pending == 2
+                    assert all(isinstance(fetcher._writing[c], StagedChunk) for c in (first, second))
                 assert len(got) == 1 and len(got[0]) == 4096
                 assert len(source.calls) == 1
                 cache.disk.set()
@@ -186,5 +203,64 @@ def test_a_reader_does_not_wait_behind_the_earlier_steps_of_an_unwaited_fetch(tm
             fetched = [r for call in source.calls for r in call]
             assert sum(start <= lo < start + n for start, n in fetched) == 1
             assert all(fetcher.is_cached(cid) for cid in cids)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["in-memory", "staged"])
+def test_a_large_chunk_a_reader_waits_for_is_not_held_in_a_buffer_of_its_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: bool) -> None:
+    """Staged, a 1 MiB chunk costs its compressed bytes and a decoded piece while it is read,
+    not its decoded size on top, and the writer queue holds none of it."""
+    if not staged:
+        monkeypatch.setattr(fetch, "STAGE_BYTES", 1 << 30)
+    cache = SlowDiskCache(CacheConfig(tmp_path / "cache", fsync=False))
+    _, fetcher = _fetcher(tmp_path, cache)
+    node = _node(fetcher.index, BIG)
+    cid = fetcher.index.chunk_ids(node)[0]
+    start, end = fetcher.index.chunk_blob_range(cid)
+    size = fetcher.index.chunk_size(cid)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            tracemalloc.start()
+            try:
+                data = await fetcher.read(node, 0, 4096)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            held = fetcher._writing[cid]
+            assert len(data) == 4096 and cache.puts == 0  # served while the disk is held
+            if staged:
+                assert isinstance(held, StagedChunk)
+                assert peak < (end - start) + size // 2, (peak, end - start, size)
+            else:
+                assert isinstance(held, bytearray) and peak > (end - start) + size
+            cache.disk.set()
+            await fetcher.flush()
+            assert cid not in fetcher._writing and cache.contains(CASE.digest, fetcher.index.chunk_key(cid))
+
+    trio.run(main)
+
+
+def test_a_staged_chunk_is_read_from_the_cache_once_closed_and_fetched_again_once_evicted(
+        tmp_path: Path) -> None:
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    source, fetcher = _fetcher(tmp_path, cache)
+    node = _node(fetcher.index, BIG)
+    cid = fetcher.index.chunk_ids(node)[0]
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            first = await fetcher.read(node, 0, 8192)
+            staged = fetcher._writing[cid]
+            assert isinstance(staged, StagedChunk)
+            await fetcher.flush()
+            assert staged.pread(0, 1) is None  # closed by the writer's completion
+            assert fetcher._piece(staged, 0, 8192) == first  # now from the cache
+            cache.prune(include_pinned=True)
+            assert fetcher._piece(staged, 0, 8192) is None
+            assert await fetcher.read(node, 0, 8192) == first
+            assert len(source.calls) == 2
 
     trio.run(main)
