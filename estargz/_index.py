@@ -95,7 +95,9 @@ class _Builder:
         self.max_entries = max_entries
         self.max_chunk_size = max_chunk_size
         self.cols: list[array[int]] = [array(code) for code in _COLUMNS]
-        self.names: list[str] = []
+        # each entry's clean path, the same string as its by_path key: no second string per
+        # entry for its name (the part after the last "/", taken in finish)
+        self.paths: list[str] = []
         self.links: dict[int, str] = {}
         self.digests = bytearray()  # 32 raw bytes per entry (zeros: none)
         self.xattrs: dict[int, tuple[tuple[str, bytes], ...]] = {}
@@ -119,14 +121,14 @@ class _Builder:
         self._new(_DIR, "", ROOT, 0o755)
 
     # -- entries -------------------------------------------------------------------------------
-    def _new(self, kind: int, name: str, parent: int, mode: int) -> int:
+    def _new(self, kind: int, path: str, parent: int, mode: int) -> int:
         i = len(self.cols[_TYPE])
         if i >= self.max_entries:
             raise TOCError(f"TOC has more than {self.max_entries} entries")
         for col, value in zip(self.cols, (kind, mode, 0, 0, -1, -1, 0, 0, 0, 0, 0, parent, -1,
                                           len(self.chunks[0])), strict=True):
             col.append(value)
-        self.names.append(name)
+        self.paths.append(path)
         self.digests += NO_DIGEST
         self.live.append(1)
         return i
@@ -149,7 +151,7 @@ class _Builder:
             path = f"{path}/{p}" if path else p
             i = self.by_path.get(path)
             if i is None:
-                i = self._new(_DIR, p, parent, 0o755)
+                i = self._new(_DIR, path, parent, 0o755)
                 self.by_path[path] = i
             elif self.cols[_TYPE][i] != _DIR:
                 raise ValueError(
@@ -301,7 +303,7 @@ class _Builder:
         cols[_PARENT].append(parent)
         cols[_LINK].append(-1)
         cols[_CSTART].append(len(chunks[0]))
-        self.names.append(base)
+        self.paths.append(path)
         self.digests += digest
         self.live.append(1)
         by_path[path] = i
@@ -356,7 +358,7 @@ class _Builder:
                 self._fill(old, e, kind, mode)
                 return
             self.live[old] = 0
-        i = self._new(kind, parts[-1], parent, mode)
+        i = self._new(kind, path, parent, mode)
         self.by_path[path] = i
         if parent == ROOT and parts[-1] in _HIDDEN_AT_ROOT:
             self.hidden[parts[-1]] = i
@@ -545,7 +547,7 @@ class _Builder:
         parent = toc._parent
         self.live[ROOT] = 0  # the root is nobody's child
         kids = list(compress(range(n), self.live))
-        kids.sort(key=self.names.__getitem__)
+        kids.sort(key=self.paths.__getitem__)  # siblings' paths differ only in their names
         kids.sort(key=parent.__getitem__)
         toc._child_list = array("I", kids)
         counts = array("I", bytes(4 * n))
@@ -554,8 +556,9 @@ class _Builder:
         del kids
         toc._child_start = array("I", accumulate(counts, initial=0))
         del counts
-        toc._name_off, toc._name_blob = _blob(self.names)
-        self.names = []
+        paths, self.paths = self.paths, []
+        toc._name_off, toc._name_blob = _blob([p[p.rfind("/") + 1:] for p in paths])
+        del paths
         links = [self.links.get(i, "") for i in range(n)] if self.links else [""] * n
         toc._link_off, toc._link_blob = _blob(links)
         del links
@@ -575,7 +578,7 @@ class _Builder:
     def _check_file_complete(self, i: int) -> None:
         size = self.cols[_SIZE][i]
         if self.current_end != size and size:
-            raise TOCError(f"TOC file {self.names[i]!r}: chunks cover {self.current_end} of {size} bytes")
+            raise TOCError(f"TOC file {self.paths[i]!r}: chunks cover {self.current_end} of {size} bytes")
 
     def _compute_ends(self, off: array[int], end: array[int], inner: array[int], flags: array[int]) -> None:
         """Give each chunk its compressed extent; check that payloads are in blob order."""

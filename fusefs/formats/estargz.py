@@ -90,25 +90,30 @@ async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQ
         toc_bytes = head + tail[:footer.toc_end - tail_start]
     else:
         (toc_bytes,) = await source.read_ranges([(footer.toc_offset, toc_len)])
-    return await trio.to_thread.run_sync(_index_one_at_a_time, toc_bytes, footer, size, opaque_xattr,
+    del tail
+    # handed over, not kept here: the parse drops the compressed TOC before the index is packed
+    held = [toc_bytes]
+    del toc_bytes
+    return await trio.to_thread.run_sync(_index_one_at_a_time, held, footer, size, opaque_xattr,
                                          source.digest)
 
 
-def _index_one_at_a_time(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
+def _index_one_at_a_time(held: list[bytes], footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
                          digest: str) -> UnverifiedIndex:
+    """Index the compressed TOC that ``held`` holds (emptied: the caller keeps no reference)."""
     with _BUILD_LOCK:
         try:
-            return _index(toc_bytes, footer, blob_size, opaque_xattr, digest)
+            return _index(held, footer, blob_size, opaque_xattr, digest)
         finally:
             # the build's transient (~10x the index it leaves) is freed by now, but scattered
             # through the heaps: give it back before fetch buffers start to come and go
             release_free_memory()
 
 
-def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
+def _index(held: list[bytes], footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
            digest: str) -> UnverifiedIndex:
     try:
-        toc = estargz.parse_toc(toc_bytes, footer)
+        toc = estargz.parse_toc(held.pop(), footer)
     except estargz.NeedsExternalTOC as exc:
         raise UnsupportedFormat(str(exc)) from exc
     except estargz.UnsupportedFormat as exc:
@@ -127,10 +132,12 @@ def _index(toc_bytes: bytes, footer: estargz.Footer, blob_size: int, opaque_xatt
         path = toc.path(i)
         if not builder.add_tar_entry_name(path):
             builder.add_hardlink(path, toc.path(toc.link_target(i)))
+    toc_digest = toc.digest
     also = (toc.manifest_checksum,) if toc.manifest_checksum else ()
     # ``.no.prefetch.landmark`` wins over ``.prefetch.landmark``, as upstream: an empty prefix
     prefetch_end = 0 if toc.no_prefetch_landmark else toc.prefetch_landmark_offset
-    return builder.build(toc_digest=toc.digest, also_accept=also, prefetch_end=prefetch_end)
+    del toc  # what the builder did not take over (file digests, parents, types) goes before packing
+    return builder.build(toc_digest=toc_digest, also_accept=also, prefetch_end=prefetch_end)
 
 
 _WHITEOUT_PREFIX = WHITEOUT_PREFIX.encode()

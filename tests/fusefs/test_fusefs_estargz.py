@@ -301,7 +301,7 @@ def test_direct_packing_equals_the_index_builder(tree: str, opaque: bytes) -> No
     from fusefs.formats.estargz import _index
 
     member, footer, size = _toc_blob(TREES[tree])
-    got = _index(member, footer, size, opaque, "sha256:" + "1" * 64).skip_verification("test")  # type: ignore[arg-type]
+    got = _index([member], footer, size, opaque, "sha256:" + "1" * 64).skip_verification("test")  # type: ignore[arg-type]
     want = _reference_index(member, footer, size, opaque)
     assert _columns(got) == _columns(want)
     assert got.node_count >= 2
@@ -315,7 +315,7 @@ def test_direct_packing_equals_the_index_builder_on_fixtures(case: contract.Case
     blob = case.blob.read_bytes()
     footer = parse_footer(blob[-min(len(blob), 64):], len(blob))
     toc_bytes = blob[footer.toc_offset:footer.toc_end]
-    got = _index(toc_bytes, footer, len(blob), TRUSTED_OPAQUE, "sha256:" + "1" * 64).skip_verification("t")
+    got = _index([toc_bytes], footer, len(blob), TRUSTED_OPAQUE, "sha256:" + "1" * 64).skip_verification("t")
     assert _columns(got) == _columns(_reference_index(toc_bytes, footer, len(blob), TRUSTED_OPAQUE))
 
 
@@ -346,7 +346,7 @@ def test_direct_packing_refuses_what_the_builder_refuses(entries: list[dict[str,
     with pytest.raises(errors):
         _reference_index(member, footer, size, TRUSTED_OPAQUE)
     with pytest.raises((FormatError, UnsupportedFormat)):
-        _index(member, footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
+        _index([member], footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("entry", [
@@ -358,7 +358,7 @@ def test_chunks_that_cannot_be_served_lazily(entry: dict[str, object]) -> None:
 
     member, footer, size = _toc_blob([{"name": "d/", "type": "dir"}, entry])
     with pytest.raises(UnsupportedFormat, match="'z'"):
-        _index(member, footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
+        _index([member], footer, size, TRUSTED_OPAQUE, "sha256:" + "1" * 64)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("tree", sorted(TREES))
