@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gc
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import accumulate, compress, islice
 from operator import lt
 from typing import Any
@@ -83,6 +83,7 @@ _TYPE, _MODE, _UID, _GID, _UNAME, _GNAME, _SIZE, _MTIME, _NSEC, _MAJOR, _MINOR, 
     range(14)
 )
 _COLUMNS = "BHIIiiQqIIIiiI"
+_NAME_BATCH = 4096  # entries whose names are encoded at a time in finish
 _CHUNK_COLUMNS = "QQQQQB"  # file offset, size, blob offset, blob end, inner offset, flags
 
 
@@ -557,10 +558,10 @@ class _Builder:
         toc._child_start = array("I", accumulate(counts, initial=0))
         del counts
         paths, self.paths = self.paths, []
-        toc._name_off, toc._name_blob = _blob([p[p.rfind("/") + 1:] for p in paths])
+        toc._name_off, toc._name_blob = _blob(_names(paths))
         del paths
         links = [self.links.get(i, "") for i in range(n)] if self.links else [""] * n
-        toc._link_off, toc._link_blob = _blob(links)
+        toc._link_off, toc._link_blob = _blob((links,))
         del links
         toc._owner_names = self.owner_names
         toc._hardlinks = self.hardlinks
@@ -637,17 +638,34 @@ class _Builder:
                 self.chunk_digests[32 * k:32 * k + 32] = self.digests[32 * i:32 * i + 32]
 
 
-def _blob(texts: list[str]) -> tuple[array[int], bytes]:
-    """``texts`` UTF-8 encoded end to end, and the offset where each starts (and the end)."""
-    joined = "".join(texts)
-    if joined.isascii():  # one byte per character: no bytes object per text
-        return array("Q", accumulate(map(len, texts), initial=0)), joined.encode("ascii")
-    del joined
-    try:
-        parts = [t.encode("utf-8") for t in texts]
-    except UnicodeEncodeError as exc:  # JSON may escape a lone surrogate, which UTF-8 cannot hold
-        raise TOCError(f"TOC name or link target {exc.object[:200]!r} is not valid Unicode") from None
-    return array("Q", accumulate(map(len, parts), initial=0)), b"".join(parts)
+def _blob(batches: Iterable[list[str]]) -> tuple[array[int], bytes]:
+    """The strings of ``batches`` UTF-8 encoded end to end, and the offset where each starts
+    (and the end)."""
+    lengths = array("Q")
+    blob = bytearray()
+    for texts in batches:
+        joined = "".join(texts)
+        if joined.isascii():  # one byte per character: no bytes object per text
+            blob += joined.encode("ascii")
+            lengths.extend(map(len, texts))
+            continue
+        del joined
+        try:
+            parts = [t.encode("utf-8") for t in texts]
+        except UnicodeEncodeError as exc:  # JSON may escape a lone surrogate, which UTF-8 cannot hold
+            raise TOCError(f"TOC name or link target {exc.object[:200]!r} is not valid Unicode") from None
+        blob += b"".join(parts)
+        lengths.extend(map(len, parts))
+    return array("Q", accumulate(lengths, initial=0)), bytes(blob)
+
+
+def _names(paths: list[str]) -> Iterator[list[str]]:
+    """The name in each of ``paths`` (what follows the last "/"), a batch at a time; each batch
+    of ``paths`` is emptied as it is taken, so paths and names are not all held at once."""
+    for k in range(0, len(paths), _NAME_BATCH):
+        batch = paths[k:k + _NAME_BATCH]
+        paths[k:k + _NAME_BATCH] = [""] * len(batch)
+        yield [p[p.rfind("/") + 1:] for p in batch]
 
 
 def index_toc_json(
