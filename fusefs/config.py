@@ -50,6 +50,8 @@ class FetchConfig:
         speculate_scan_bytes: the second file of a kind (name suffix: ``.cpython-311.pyc``)
             missed in a directory also fetches the first chunk of the directory's other files
             of that kind, up to this many compressed bytes (default 4 MiB; 0 = off).
+        speculate_scan_files: ... unless the directory holds more than this many files of the
+            kind (default 40).
     """
 
     max_range_bytes: int = 16 << 20
@@ -62,6 +64,7 @@ class FetchConfig:
     speculate_dir_bytes: int = 0
     small_file_bytes: int = 64 << 10
     speculate_scan_bytes: int = 4 << 20
+    speculate_scan_files: int = 40
 
 
 @dataclass(frozen=True)

@@ -355,7 +355,10 @@ class ChunkFetcher:
         modules, a loader opening a package's extension libraries) reads one file after another,
         a round trip each. A kind is a name suffix (``.cpython-311.pyc``); files of different
         kinds, such as the libraries a program links from /usr/lib (``.so.6``, ``.so.1``), are not
-        a pattern, and most of their siblings stay unread."""
+        a pattern, and most of their siblings stay unread. Nor is a directory with more than
+        ``speculate_scan_files`` files of the kind: that is a collection a program takes a few
+        from (Python's standard library, 171 modules; its encodings, 122), where a package's
+        directory (numpy's and scipy's hold up to 38) is mostly imported whole."""
         index = self.index
         directory = self._directory(node)
         kinds = self._kinds.setdefault(directory, set())
@@ -369,11 +372,13 @@ class ChunkFetcher:
             kinds.add(kind)
             return []
         self._kinds[directory] = None
+        siblings = [child for _, sibling_name, child in index.children(directory)
+                    if child != node and index.size(child) > 0 and sibling_name.endswith(kind)]
+        if len(siblings) >= self._config.speculate_scan_files:
+            return []
         todo: list[int] = []
         budget = self._config.speculate_scan_bytes
-        for _, sibling_name, child in index.children(directory):
-            if child == node or index.size(child) == 0 or not sibling_name.endswith(kind):
-                continue
+        for child in siblings:
             head = self._fetchable(index.chunk_ids(child)[:1], taken)
             size = self._compressed(head)
             if head and size <= budget:

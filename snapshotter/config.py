@@ -116,6 +116,9 @@ class FetchConfig:
                                         "directory also fetches the first chunk of the directory's other "
                                         "files of that kind, up to this many compressed bytes; 0 = off",
                                         "bytes", min=0, max=1 << 30)
+    speculate_scan_files: int = setting(40, "... unless the directory holds more than this many files of "
+                                        "the kind (a collection a program takes a few from, such as "
+                                        "Python's standard library)", "files", min=0, max=1 << 20)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def fusefs_config(cfg: Config, userxattr: bool) -> fusefs_config_mod.FusefsConfi
             thread_threshold=fetch.thread_threshold, failure_ttl=fetch.failure_ttl,
             neighbour_bytes=fetch.neighbour_bytes, speculate_file_bytes=fetch.speculate_file_bytes,
             speculate_dir_bytes=fetch.speculate_dir_bytes, small_file_bytes=fetch.small_file_bytes,
-            speculate_scan_bytes=fetch.speculate_scan_bytes,
+            speculate_scan_bytes=fetch.speculate_scan_bytes, speculate_scan_files=fetch.speculate_scan_files,
             memory_bytes=cache.memory_bytes),
         prefetch=fusefs_config_mod.PrefetchConfig(
             prefetch=not prefetch.noprefetch, background=not prefetch.no_background_fetch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import trio
 
 from fusefs.cache import ChunkCache
@@ -177,5 +178,25 @@ def test_misses_of_different_kinds_are_no_pattern(tmp_path: Path) -> None:
         await fetcher.read(_node(index, BIG), 0, 4096)  # the second .bin: now a pattern
         await _settled(fetcher, source, 4)
         assert len(source.calls) == 4 and fetcher.is_cached(zeros[0])
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(("bound", "scanned"), [(2, False), (3, True)])
+def test_a_directory_with_more_files_of_the_kind_than_the_bound_is_not_scanned(
+        tmp_path: Path, bound: int, scanned: bool) -> None:
+    """data/ holds three .bin files: a collection above the bound (like Python's standard
+    library) is not scanned; at the bound it is."""
+    source, fetcher = _fetcher(tmp_path, replace(SCAN, speculate_scan_files=bound))
+    index = fetcher.index
+    zeros = index.chunk_ids(_node(index, "data/zeros-1.5MiB.bin"))
+
+    async def main() -> None:
+        await fetcher.read(_node(index, "data/exactly-4096.bin"), 0, 4096)
+        await fetcher.read(_node(index, BIG), 0, 4096)
+        await _settled(fetcher, source, 3 if scanned else 2)
+        await trio.sleep(0.1)
+        assert len(source.calls) == (3 if scanned else 2)
+        assert fetcher.is_cached(zeros[0]) is scanned
 
     trio.run(main)
