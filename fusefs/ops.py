@@ -26,7 +26,7 @@ from fusefs.errors import LayerError
 from fusefs.fetch import ChunkFetcher
 from fusefs.index import ROOT, NodeId
 from fusefs.layers import ROOT_INODE, LayerTable, MountedLayer
-from fusefs.readahead import set_session_readahead
+from fusefs.readahead import READ_AHEAD_KIB, set_session_readahead
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ _ROOT_MODE = stat.S_IFDIR | 0o755
 _LOGGED_LIMIT = 4096
 # readdir offsets 1 and 2; a directory's children follow from offset 3
 _DOT_ENTRIES = ((b".", 1), (b"..", 2))
+_STREAM_SLACK = READ_AHEAD_KIB << 10  # see _OpenFile.streaming
 
 
 @dataclass(eq=False, slots=True)
@@ -42,6 +43,12 @@ class _OpenFile:
     node: NodeId
     inode: int
     next_offset: int = 0  # where the previous read ended: a read starting there is sequential
+    # The reads so far went forward from offset 0 without skipping more than the kernel's
+    # read-ahead window (its requests may arrive a little out of order): a stream. A library's
+    # page faults start mid-file and jump about, and one run of them that looks sequential
+    # is no reason to fetch the next megabytes of the library.
+    streaming: bool = True
+    reach: int = 0  # the furthest end read so far
 
 
 class LayerOperations(pyfuse3.Operations):
@@ -276,8 +283,10 @@ class LayerOperations(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         with self._errors("read", handle.inode):
-            sequential = off > 0 and off == handle.next_offset
+            handle.streaming = handle.streaming and off <= handle.reach + _STREAM_SLACK
+            sequential = off > 0 and off == handle.next_offset and handle.streaming
             handle.next_offset = off + size
+            handle.reach = max(handle.reach, off + size)
             return await handle.fetcher.read(handle.node, off, size, sequential=sequential)
 
     async def release(self, fh: int) -> None:

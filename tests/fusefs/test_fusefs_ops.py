@@ -121,3 +121,34 @@ def test_layer_errors_and_bugs_become_eio(tmp_path: Path, caplog: pytest.LogCapt
     assert len(layer_logs) == 1  # logged once, not per read
     bug = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(bug) == 1 and bug[0].exc_info is not None
+
+
+def test_only_a_stream_from_the_start_counts_as_sequential(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fetcher's read-ahead is asked for by reads that continue a stream from offset 0,
+    not by a run of contiguous reads after a jump (an mmapped library's page faults)."""
+    ops, _, _ = _ops(tmp_path)
+    flags: list[bool] = []
+
+    async def main() -> None:
+        inode = await _lookup_path(ops, "data/random-5MiB.bin")
+        stream = await ops.open(inode, os.O_RDONLY, CTX)
+        faults = await ops.open(inode, os.O_RDONLY, CTX)
+        real = ops._files[stream.fh].fetcher.read
+
+        async def spy(node: int, off: int, size: int, *, sequential: bool = False) -> bytes:
+            flags.append(sequential)
+            return await real(node, off, size, sequential=sequential)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(ops._files[stream.fh].fetcher, "read", spy)
+        for off in (0, 128 << 10, 256 << 10):
+            await ops.read(stream.fh, off, 128 << 10)
+        assert flags == [False, True, True]
+        flags.clear()
+        # the loader reads the header, then the kernel faults pages in far into the file
+        await ops.read(faults.fh, 0, 16 << 10)
+        for off in ((4 << 20) + (512 << 10), (4 << 20) + (640 << 10)):
+            await ops.read(faults.fh, off, 128 << 10)
+        assert flags == [False, False, False]
+
+    trio.run(main)
