@@ -15,6 +15,7 @@ import trio.testing
 from fusefs import fetch
 from fusefs.cache import ChunkCache, StagedChunk
 from fusefs.config import CacheConfig
+from fusefs.errors import SourceError
 from fusefs.fetch import ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
 from fusefs.sources.file import FileSource
@@ -262,5 +263,36 @@ def test_a_staged_chunk_is_read_from_the_cache_once_closed_and_fetched_again_onc
             assert fetcher._piece(staged, 0, 8192) is None
             assert await fetcher.read(node, 0, 8192) == first
             assert len(source.calls) == 2
+
+    trio.run(main)
+
+
+def test_a_read_that_loses_its_chunk_asks_again_then_gives_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that joined a staged chunk's fetch may find it closed and evicted when it runs
+    again: it asks for the chunk again (here still held, so no second request), and after three
+    such losses in a row reports an error instead of looping."""
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    source, fetcher = _fetcher(tmp_path, cache)
+    node = _node(fetcher.index, BIG)
+    real_piece = fetcher._piece
+    losses = {"left": 1}
+
+    def piece(data: object, lo: int, hi: int) -> object:
+        if losses["left"] > 0:
+            losses["left"] -= 1
+            return None
+        return real_piece(data, lo, hi)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fetcher, "_piece", piece)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            data = await fetcher.read(node, 0, 4096)
+            assert len(data) == 4096 and len(source.calls) == 1
+            await fetcher.flush()
+            losses["left"] = 10
+            with pytest.raises(SourceError, match="evicted 3 times"):
+                await fetcher.read(node, 2 << 20, 4096)  # a chunk not fetched yet
 
     trio.run(main)
