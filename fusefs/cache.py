@@ -125,7 +125,8 @@ class StagedChunk:
         return data if len(data) == min(length, self.size - offset) else None
 
     def close(self) -> None:
-        """Release the file (it stays in the cache if committed; it is gone otherwise)."""
+        """Release the descriptor. The file stays in the cache if committed; one that will not
+        be committed is given up with :meth:`ChunkCache.discard`, which closes it too."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
