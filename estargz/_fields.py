@@ -16,12 +16,10 @@ from typing import Any
 from .errors import TOCError
 
 __all__ = [
-    "ASCII_NAME",
     "MAX_PATH",
     "MAX_U32",
     "MAX_U63",
     "NO_DIGEST",
-    "SHORT_NAME",
     "clean",
     "digest_bytes",
     "parse_time",
@@ -29,14 +27,11 @@ __all__ = [
     "uint",
     "walk_json",
     "walk_json_pieces",
+    "within_limits",
 ]
 
 MAX_PATH = 4096
 _MAX_NAME = 255
-# A name this many characters long or less cannot break a byte limit (4 UTF-8 bytes each: 252
-# bytes), nor can an ASCII name of up to _MAX_NAME characters: such names skip the length checks.
-SHORT_NAME = _MAX_NAME // 4
-ASCII_NAME = _MAX_NAME
 MAX_U32 = (1 << 32) - 1
 MAX_U63 = (1 << 63) - 1
 NO_DIGEST = bytes(32)
@@ -252,6 +247,12 @@ def digest_bytes(value: object, field: str) -> bytes:
     return raw
 
 
+def within_limits(name: str) -> bool:
+    """Whether ``name`` is too short for any of its components or itself to break a byte limit:
+    at most 63 characters (4 UTF-8 bytes each: 252 bytes), or at most 255 ASCII ones."""
+    return len(name) <= _MAX_NAME // 4 or (len(name) <= _MAX_NAME and name.isascii())
+
+
 def clean(name: object, field: str) -> list[str]:
     """Path components of a TOC name; refuses what could leave the layer root."""
     if name.__class__ is not str:
@@ -259,8 +260,7 @@ def clean(name: object, field: str) -> list[str]:
     assert isinstance(name, str)
     if "\x00" in name:
         raise ValueError(f"{field} {name!r} contains a NUL byte")
-    if (not name.startswith((".", "/")) and "/." not in name and "//" not in name
-            and (len(name) <= SHORT_NAME or (len(name) <= _MAX_NAME and name.isascii()))):
+    if not name.startswith((".", "/")) and "/." not in name and "//" not in name and within_limits(name):
         # Fast path (nearly every name): no "." or ".." component, no empty component, and too
         # short for any length limit to matter.
         return name.rstrip("/").split("/") if name else []

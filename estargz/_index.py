@@ -29,18 +29,17 @@ from typing import Any
 
 from ._chunks import Codec
 from ._fields import (
-    ASCII_NAME,
     MAX_PATH,
     MAX_U32,
     MAX_U63,
     NO_DIGEST,
-    SHORT_NAME,
     clean,
     digest_bytes,
     parse_time,
     parse_xattrs,
     uint,
     walk_json_pieces,
+    within_limits,
 )
 from ._footer import Footer
 from ._toc import CHUNK_HOLE, ROOT, TOC, EntryType
@@ -196,7 +195,7 @@ class _Builder:
         if (
             name.__class__ is not str
             or not name
-            or (len(name) > SHORT_NAME and (len(name) > ASCII_NAME or not name.isascii()))
+            or not within_limits(name)
             or name.startswith((".", "/"))
             or "/." in name
             or "//" in name
