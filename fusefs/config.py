@@ -52,6 +52,10 @@ class FetchConfig:
             of that kind, up to this many compressed bytes (default 4 MiB; 0 = off).
         speculate_scan_files: ... unless the directory holds more than this many files of the
             kind (default 40).
+        speculate_import_bytes: a Python module's first miss also fetches the modules of the
+            layer it imports, and theirs in turn, read from its bytes (names in a ``.pyc``,
+            ``import`` statements in a ``.py``), up to this many compressed bytes (default
+            8 MiB; 0 = off).
     """
 
     max_range_bytes: int = 16 << 20
@@ -65,6 +69,7 @@ class FetchConfig:
     small_file_bytes: int = 64 << 10
     speculate_scan_bytes: int = 4 << 20
     speculate_scan_files: int = 40
+    speculate_import_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from fusefs.cache import ChunkCache, StagedChunk
 from fusefs.codecs import ChunkBytes
 from fusefs.config import FetchConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
+from fusefs.imports import Module, ModuleResolver, compiled_names, source_names
 from fusefs.index import Chunk, LayerIndex, NodeId
 from fusefs.sources.base import BlobSource
 from fusefs.sources.replay import RecordingSource
@@ -45,6 +46,7 @@ STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on 
 # served from there, not from a buffer of its size (see ``_complete_staged``)
 STAGE_BYTES = 1 << 20
 _READ_ATTEMPTS = 3
+_MODULE_BYTES = 2 << 20  # a Python module larger than this is not scanned for its imports
 
 
 class PriorityGate:
@@ -202,6 +204,7 @@ class ChunkFetcher:
         self._speculated: set[int] = set()  # files and directories whose speculation started
         # directory → name suffixes of its missed files; None once it was scanned
         self._kinds: dict[int, set[bytes] | None] = {}
+        self._followed: set[int] = set()  # Python modules whose imports were looked for
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -250,6 +253,13 @@ class ChunkFetcher:
             return b""
         if sequential and end < size and not self._ahead_running:
             self._start_ahead(node, end, size)
+        data = await self._gather(node, offset, end)
+        self._reads += 1
+        self._served += len(data)
+        return data
+
+    async def _gather(self, node: NodeId, offset: int, end: int) -> bytes:
+        """Bytes ``[offset, end)`` of ``node``, fetching (and speculating on) what is missing."""
         cids = self.index.chunks_in(node, offset, end - offset)
         parts: list[Buffer | None] = []
         missing: list[int] = []
@@ -277,10 +287,7 @@ class ChunkFetcher:
             else:
                 raise SourceError(f"layer {self.layer_digest}: chunks of node {node} were evicted "
                                   f"{_READ_ATTEMPTS} times before they could be read")
-        data = b"".join(p for p in parts if p is not None)
-        self._reads += 1
-        self._served += len(data)
-        return data
+        return b"".join(p for p in parts if p is not None)
 
     def _neighbours(self, last: int, first: int) -> list[int]:
         """Uncached chunks right after ``last`` in the blob, within ``neighbour_bytes`` of ``first``.
@@ -348,6 +355,57 @@ class ChunkFetcher:
             todo += self._scan(node, taken | set(todo))
         if todo:
             trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
+        if config.speculate_import_bytes > 0 and node not in self._followed:
+            trio.lowlevel.spawn_system_task(self._follow_imports, node)
+
+    async def _follow_imports(self, node: NodeId) -> None:
+        """If ``node`` is a Python module, fetch the modules it imports from this layer, level
+        by level of the import tree (see :mod:`fusefs.imports`), once its own bytes are here.
+
+        Only modules fetched here are followed further: one already cached was read before or
+        prefetched, and a miss on one of its imports starts a walk of its own. Bounded by
+        ``speculate_import_bytes`` per walk; each module is looked at once.
+        """
+        try:
+            resolver = ModuleResolver(self.index, self._directory)
+            first = resolver.module(node)
+            if first is None:
+                return
+            self._followed.add(node)
+            budget = self._config.speculate_import_bytes
+            level = [first]
+            while level and budget > 0:
+                found: dict[NodeId, Module | None] = {}
+                for module in level:
+                    size = self.index.size(module.node)
+                    if 0 < size <= _MODULE_BYTES:
+                        data = await self._gather(module.node, 0, size)
+                        names = compiled_names(data) if module.tag is not None else source_names(data)
+                        del data
+                        found.update(resolver.resolve(module, names))
+                todo: list[int] = []
+                level = []
+                for target, module_or_none in found.items():
+                    if target in self._followed:
+                        continue
+                    self._followed.add(target)
+                    cids = self._fetchable(self.index.chunk_ids(target), set())
+                    if len(cids) > 1 and self._compressed(cids) > self._config.speculate_file_bytes:
+                        cids = cids[:1]  # a large library: its first chunk is read at once
+                    size = self._compressed(cids)
+                    if not cids or size > budget:
+                        continue
+                    budget -= size
+                    todo += cids
+                    if module_or_none is not None:
+                        level.append(module_or_none)
+                if todo:
+                    await self._fetch_speculatively(todo)
+        except LayerError:
+            pass  # the reader that needs these files fetches them again and reports the error
+        except Exception:
+            log.exception("layer %s: unexpected error following the imports of node %d",
+                          self.layer_digest, node)
 
     def _scan(self, node: NodeId, taken: set[int]) -> list[int]:
         """When a second file of one kind is missed in a directory, the first chunk of its other

@@ -119,6 +119,10 @@ class FetchConfig:
     speculate_scan_files: int = setting(40, "... unless the directory holds more than this many files of "
                                         "the kind (a collection a program takes a few from, such as "
                                         "Python's standard library)", "files", min=0, max=1 << 20)
+    speculate_import_bytes: int = setting(8 << 20, "a Python module's first miss also fetches the modules "
+                                          "of its layer that it imports, and theirs in turn (names read "
+                                          "from its bytes), up to this many compressed bytes; 0 = off",
+                                          "bytes", min=0, max=1 << 30)
 
 
 @dataclass(frozen=True)

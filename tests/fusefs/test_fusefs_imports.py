@@ -1,0 +1,299 @@
+"""Import-following speculation: a Python module's first miss fetches the modules of its layer
+that it imports (read from its ``.pyc`` or ``.py`` bytes), level by level, in requests of their own.
+
+The layers are real: a package tree compiled by this interpreter (``py_compile``), packed into an
+eStargz blob by the project's writer, served by a source that counts its requests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import marshal
+import py_compile
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estargz import convert
+from fusefs.cache import ChunkCache
+from fusefs.config import CacheConfig, FetchConfig
+from fusefs.fetch import ChunkFetcher, PriorityGate
+from fusefs.formats.estargz import read_estargz
+from fusefs.imports import ModuleResolver, compiled_names, source_names
+from fusefs.index import LayerIndex, NodeId
+from fusefs.sources.file import FileSource
+from tests.fusefs.test_fusefs_fetch import GatedSource
+
+TAG = sys.implementation.cache_tag
+SITE = "usr/lib/python3/dist-packages"
+STDLIB = "usr/lib/python3.11"
+EXT = f"_speedups.{TAG}-x86_64-linux-gnu.so"
+
+# a package whose top level imports some of its modules; others only inside a function, or never
+SOURCES = {
+    f"{SITE}/app/__init__.py": "import json\nfrom . import core\nfrom .sub import tools\n"
+                               "from app import " + EXT.split(".")[0] + "\n"
+                               "def later():\n    from . import lazy\n",
+    f"{SITE}/app/core.py": "import app.sub.deep\nVALUE = 1\n",
+    f"{SITE}/app/lazy.py": "X = 2\n",
+    f"{SITE}/app/unused.py": "Y = 3\n",
+    f"{SITE}/app/sub/__init__.py": "S = 1\n",
+    f"{SITE}/app/sub/tools.py": "from ..core import VALUE\n",
+    f"{SITE}/app/sub/deep.py": "import struct\n",
+    f"{SITE}/other/__init__.py": "O = 1\n",
+    f"{STDLIB}/json/__init__.py": "from .decoder import JSONDecoder\n",
+    f"{STDLIB}/json/decoder.py": "from _json import scanstring\nclass JSONDecoder: pass\n",
+    f"{STDLIB}/struct.py": "from _struct import *\n",
+    f"{STDLIB}/collections.py": "C = 1\n",
+}
+BINARIES = {
+    f"{SITE}/app/{EXT}": 4000,
+    f"{STDLIB}/lib-dynload/_json.{TAG}-x86_64-linux-gnu.so": 3000,
+    f"{STDLIB}/lib-dynload/_struct.{TAG}-x86_64-linux-gnu.so": 3000,
+    f"{STDLIB}/lib-dynload/_unrelated.{TAG}-x86_64-linux-gnu.so": 3000,
+}
+
+
+def _pyc(path: str) -> str:
+    directory, name = path.rsplit("/", 1)
+    return f"{directory}/__pycache__/{name[:-3]}.{TAG}.pyc"
+
+
+def _layer(tmp_path: Path, *, compiled: bool) -> Path:
+    """The tree as an eStargz blob: sources and, with ``compiled``, their ``.pyc`` files."""
+    tree = tmp_path / "tree"
+    files: dict[str, bytes] = {}
+    for path, text in SOURCES.items():
+        source = tree / path
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(text)
+        files[path] = text.encode()
+        if compiled:
+            target = tree / _pyc(path)
+            py_compile.compile(str(source), cfile=str(target), doraise=True)
+            files[_pyc(path)] = target.read_bytes()
+    for path, size in BINARIES.items():  # distinct bytes: equal chunks would be cached as one
+        files[path] = (path.encode() * size)[:size]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        directories = sorted({p.rsplit("/", i)[0] for p in files for i in range(1, p.count("/") + 1)})
+        for directory in directories:
+            info = tarfile.TarInfo(directory)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for path, data in sorted(files.items()):
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw.seek(0)
+    blob = tmp_path / "layer.esgz"
+    with blob.open("wb") as out:
+        convert(raw, out)
+    return blob
+
+
+def _fetcher(tmp_path: Path, blob: Path, config: FetchConfig) -> tuple[GatedSource, ChunkFetcher]:
+    digest = "sha256:" + "0" * 64
+    source = GatedSource(blob, digest)
+    index = trio.run(read_estargz, FileSource(blob, digest)).skip_verification("test layer")
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    return source, ChunkFetcher(digest, index, source, cache, config, PriorityGate())
+
+
+def _node(index: LayerIndex, path: str) -> NodeId:
+    return next(n for p, n in index.walk() if p == path)
+
+
+def _cached(fetcher: ChunkFetcher, path: str) -> bool:
+    return all(fetcher.is_cached(c) for c in fetcher.index.chunk_ids(_node(fetcher.index, path)))
+
+
+async def _settled(fetcher: ChunkFetcher) -> None:
+    with trio.fail_after(10):
+        await trio.sleep(0.05)
+        while fetcher._inflight:
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        while fetcher._inflight:
+            await trio.sleep(0.01)
+
+
+# only import following: the other speculations would fetch siblings on their own
+IMPORTS = FetchConfig(neighbour_bytes=0, speculate_file_bytes=4 << 20, speculate_dir_bytes=0,
+                      speculate_scan_bytes=0, speculate_import_bytes=8 << 20)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["pyc", "py"])
+def test_a_first_miss_on_a_module_fetches_what_it_imports_and_theirs(tmp_path: Path, compiled: bool) -> None:
+    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=compiled), IMPORTS)
+    name = _pyc if compiled else (lambda p: p)
+    start = name(f"{SITE}/app/__init__.py")
+
+    async def main() -> None:
+        await fetcher.read(_node(fetcher.index, start), 0, 1 << 20)
+        await _settled(fetcher)
+
+    trio.run(main)
+    imported = [f"{SITE}/app/core.py", f"{SITE}/app/sub/__init__.py", f"{SITE}/app/sub/tools.py",
+                f"{SITE}/app/sub/deep.py"]
+    for path in imported:
+        assert _cached(fetcher, name(path)), path
+    assert _cached(fetcher, f"{SITE}/app/{EXT}")  # an extension module is a file to fetch too
+    for path in (f"{SITE}/app/lazy.py", f"{SITE}/app/unused.py", f"{SITE}/other/__init__.py",
+                 f"{STDLIB}/collections.py"):
+        assert not _cached(fetcher, name(path)), path  # imported inside a function, or never
+    unrelated = f"{STDLIB}/lib-dynload/_unrelated.{TAG}-x86_64-linux-gnu.so"
+    assert not _cached(fetcher, unrelated)
+    if compiled:
+        assert not _cached(fetcher, f"{SITE}/app/core.py")  # Python reads the .pyc, not the source
+        # the standard library of the module's cache tag, with its extension modules
+        for path in (f"{STDLIB}/json/__init__.py", f"{STDLIB}/json/decoder.py", f"{STDLIB}/struct.py"):
+            assert _cached(fetcher, name(path)), path
+        for path in (f"{STDLIB}/lib-dynload/_json.{TAG}-x86_64-linux-gnu.so",
+                     f"{STDLIB}/lib-dynload/_struct.{TAG}-x86_64-linux-gnu.so"):
+            assert _cached(fetcher, path), path
+    else:  # a source module has no cache tag to tell which standard library
+        assert not _cached(fetcher, name(f"{STDLIB}/json/__init__.py"))
+    assert len(source.calls) <= 5  # the miss, then one request per level of the import tree
+
+
+def test_the_standard_library_resolves_from_its_root_and_lib_dynload(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
+
+    async def main() -> None:
+        await fetcher.read(_node(fetcher.index, _pyc(f"{STDLIB}/json/__init__.py")), 0, 1 << 20)
+        await _settled(fetcher)
+
+    trio.run(main)
+    assert _cached(fetcher, _pyc(f"{STDLIB}/json/decoder.py"))
+    assert _cached(fetcher, f"{STDLIB}/lib-dynload/_json.{TAG}-x86_64-linux-gnu.so")
+    assert not _cached(fetcher, f"{STDLIB}/lib-dynload/_unrelated.{TAG}-x86_64-linux-gnu.so")
+    assert not _cached(fetcher, _pyc(f"{STDLIB}/struct.py"))
+
+
+def test_the_budget_bounds_what_is_followed(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True),
+                               FetchConfig(neighbour_bytes=0, speculate_scan_bytes=0, speculate_import_bytes=1))
+
+    async def main() -> None:
+        await fetcher.read(_node(fetcher.index, _pyc(f"{SITE}/app/__init__.py")), 0, 1 << 20)
+        await _settled(fetcher)
+
+    trio.run(main)
+    assert len(source.calls) == 1
+    assert not _cached(fetcher, _pyc(f"{SITE}/app/core.py"))
+
+
+def test_off_when_the_budget_is_zero(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True),
+                               FetchConfig(neighbour_bytes=0, speculate_scan_bytes=0, speculate_import_bytes=0))
+
+    async def main() -> None:
+        await fetcher.read(_node(fetcher.index, _pyc(f"{SITE}/app/__init__.py")), 0, 1 << 20)
+        await _settled(fetcher)
+
+    trio.run(main)
+    assert len(source.calls) == 1
+
+
+def test_a_cached_module_is_not_followed_again(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
+    start = _node(fetcher.index, _pyc(f"{SITE}/app/__init__.py"))
+
+    async def main() -> None:
+        await fetcher.read(start, 0, 1 << 20)
+        await _settled(fetcher)
+        calls = len(source.calls)
+        for path in (f"{SITE}/app/core.py", f"{SITE}/app/sub/tools.py"):
+            await fetcher.read(_node(fetcher.index, _pyc(path)), 0, 1 << 20)
+        await _settled(fetcher)
+        assert len(source.calls) == calls  # served from the cache, nothing more asked
+
+    trio.run(main)
+
+
+def test_a_failing_source_ends_the_walk_quietly(tmp_path: Path) -> None:
+    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
+
+    async def main() -> None:
+        await fetcher.read(_node(fetcher.index, _pyc(f"{SITE}/app/__init__.py")), 0, 1 << 20)
+        source.fail_with = OSError("registry gone")
+        await _settled(fetcher)
+
+    trio.run(main)  # the walk's fetch failed inside a system task: nothing escaped
+    assert not _cached(fetcher, _pyc(f"{SITE}/app/sub/deep.py"))
+
+
+# -- the name readers ------------------------------------------------------------------------
+
+def _compiled(source: str) -> bytes:
+    code = compile(source, "<test>", "exec")
+    return importlib.util.MAGIC_NUMBER + b"\0" * 12 + marshal.dumps(code)
+
+
+def test_compiled_names_are_the_module_level_ones() -> None:
+    data = _compiled("import os.path\nfrom . import sibling\nfrom .pkg import mod as m\n"
+                     "try:\n    import fast\nexcept ImportError:\n    fast = None\n"
+                     "def f():\n    import lazy\n    return lazy.x\n"
+                     "class C:\n    def g(self):\n        import inner\n"
+                     "TEXT = 'import not_a_name'\n")
+    names = compiled_names(data)
+    assert {"os.path", "sibling", "pkg", "mod", "fast"} <= names
+    assert not names & {"lazy", "inner", "x", "not_a_name"}
+
+
+def test_compiled_names_of_every_module_of_this_interpreter_match_marshal() -> None:
+    stdlib = Path(importlib.util.find_spec("json").origin).parents[1]  # type: ignore[arg-type, union-attr]
+    checked = 0
+    for path in sorted(stdlib.glob(f"*/__pycache__/*.{TAG}.pyc"))[:400]:
+        data = path.read_bytes()
+        expected = {n for n in marshal.loads(data[16:]).co_names if n.replace(".", "_").isidentifier()}
+        assert compiled_names(data) == expected, path
+        checked += 1
+    assert checked >= 50
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x00" * 16, _compiled("import a")[:40], _compiled("import a")[:20],
+    b"\xa7\x0d\x0d\x0a" + b"\0" * 12 + b"c" + b"\0" * 20 + b"r\xff\xff\xff\x7f",  # a reference to nothing
+    b"\xa7\x0d\x0d\x0a" + b"\0" * 12 + b"(" * 5000,  # nested beyond the bound
+    b"\xa7\x0d\x0d\x0a" + b"\0" * 12 + b"c" + b"\0" * 20 + b"s\xff\xff\xff\x7f",  # absurd length
+], ids=["empty", "zeros", "truncated", "header", "bad-ref", "deep", "huge"])
+def test_compiled_names_of_malformed_data_are_none(data: bytes) -> None:
+    assert compiled_names(data) == set()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=200))
+def test_compiled_names_never_raise_on_corrupt_modules(junk: bytes, cut: int) -> None:
+    data = _compiled("import os\nfrom . import a, b\ndef f(x):\n    return x + 1.5\n")
+    compiled_names(data[:16 + cut] + junk)
+    compiled_names(data[:16] + junk)
+
+
+def test_source_names() -> None:
+    text = (b"import os, sys as system\nfrom . import a, b\nfrom .m import (x,  # why\n    y)\n"
+            b"from numpy.core import multiarray\n    import json.decoder\nfoo = 1\nfrom z import w\n"
+            b"bar, baz = 1, 2\ntry:\n    import fast\nexcept ImportError:\n    from . import slow\n"
+            b"def f():\n    import lazy\n# a comment at the margin is no statement\n    import later\n"
+            b"class C:\n    import inner\n")
+    assert source_names(text) == {"os", "sys", "a", "b", "m", "m.x", "m.y", "numpy.core",
+                                  "numpy.core.multiarray", "json.decoder", "z", "z.w", "fast", "slow"}
+
+
+def test_a_file_outside_a_pycache_is_no_compiled_module(tmp_path: Path) -> None:
+    _, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
+    index = fetcher.index
+    parents = index.parents()
+    resolver = ModuleResolver(index, lambda node: NodeId(parents[node]))
+    assert resolver.module(_node(index, f"{SITE}/app/{EXT}")) is None
+    module = resolver.module(_node(index, _pyc(f"{SITE}/app/__init__.py")))
+    assert module is not None and module.tag == TAG.encode()
+    assert module.directory == _node(index, f"{SITE}/app")
