@@ -56,6 +56,10 @@ class FetchConfig:
             layer it imports, and theirs in turn, read from its bytes (names in a ``.pyc``,
             ``import`` statements in a ``.py``), up to this many compressed bytes (default
             8 MiB; 0 = off).
+        speculate_library_bytes: an ELF file's first miss at its start also fetches what the
+            dynamic loader reads of it next (dynamic section, writable segment) and the first
+            chunk of each library of the layer it needs, and so on down the chain, up to this
+            many compressed bytes (default 16 MiB; 0 = off).
     """
 
     max_range_bytes: int = 16 << 20
@@ -70,6 +74,7 @@ class FetchConfig:
     speculate_scan_bytes: int = 4 << 20
     speculate_scan_files: int = 40
     speculate_import_bytes: int = 8 << 20
+    speculate_library_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,14 @@ from typing import TypeAlias
 
 import trio
 
-from fusefs import codecs
+from fusefs import codecs, elf
 from fusefs.cache import ChunkCache, StagedChunk
 from fusefs.codecs import ChunkBytes
 from fusefs.config import FetchConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
 from fusefs.imports import Module, ModuleResolver, compiled_names, source_names
 from fusefs.index import Chunk, LayerIndex, NodeId
+from fusefs.libraries import LibraryFinder
 from fusefs.sources.base import BlobSource
 from fusefs.sources.replay import RecordingSource
 from fusefs.writer import CacheWriter
@@ -47,6 +48,9 @@ STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on 
 STAGE_BYTES = 1 << 20
 _READ_ATTEMPTS = 3
 _MODULE_BYTES = 2 << 20  # a Python module larger than this is not scanned for its imports
+_ELF_HEAD_BYTES = 64 << 10  # where an ELF file's program headers are looked for
+_STRTAB_BYTES = 1 << 20  # most of a dynamic string table read for the needed libraries' names
+_LD_SO_CACHE_BYTES = 4 << 20
 
 
 class PriorityGate:
@@ -204,7 +208,8 @@ class ChunkFetcher:
         self._speculated: set[int] = set()  # files and directories whose speculation started
         # directory → name suffixes of its missed files; None once it was scanned
         self._kinds: dict[int, set[bytes] | None] = {}
-        self._followed: set[int] = set()  # Python modules whose imports were looked for
+        self._followed: set[int] = set()  # Python modules and libraries whose imports were looked for
+        self._ld_so_cache: dict[bytes, bytes] | None = None
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -355,14 +360,18 @@ class ChunkFetcher:
             todo += self._scan(node, taken | set(todo))
         if todo:
             trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
-        if config.speculate_import_bytes > 0 and node not in self._followed:
-            trio.lowlevel.spawn_system_task(self._follow_imports, node)
+        if node not in self._followed:
+            if config.speculate_import_bytes > 0:
+                trio.lowlevel.spawn_system_task(self._follow_imports, node)
+            head = index.chunk_ids(node)[:1]
+            if config.speculate_library_bytes > 0 and head and head[0] in taken:
+                trio.lowlevel.spawn_system_task(self._follow_libraries, node)
 
     async def _follow_imports(self, node: NodeId) -> None:
         """If ``node`` is a Python module, fetch the modules it imports from this layer, level
         by level of the import tree (see :mod:`fusefs.imports`), once its own bytes are here.
 
-        Only modules fetched here are followed further: one already cached was read before or
+        Only modules not yet cached are followed further: one already cached was read before or
         prefetched, and a miss on one of its imports starts a walk of its own. Bounded by
         ``speculate_import_bytes`` per walk; each module is looked at once.
         """
@@ -374,6 +383,7 @@ class ChunkFetcher:
             self._followed.add(node)
             budget = self._config.speculate_import_bytes
             level = [first]
+            libraries: list[NodeId] = []
             while level and budget > 0:
                 found: dict[NodeId, Module | None] = {}
                 for module in level:
@@ -386,26 +396,120 @@ class ChunkFetcher:
                 todo: list[int] = []
                 level = []
                 for target, module_or_none in found.items():
-                    if target in self._followed:
+                    chunks = self.index.chunk_ids(target)
+                    if target in self._followed or all(self.is_cached(cid) for cid in chunks):
                         continue
                     self._followed.add(target)
-                    cids = self._fetchable(self.index.chunk_ids(target), set())
+                    cids = self._fetchable(chunks, set())  # none if another fetch has them in flight
                     if len(cids) > 1 and self._compressed(cids) > self._config.speculate_file_bytes:
                         cids = cids[:1]  # a large library: its first chunk is read at once
                     size = self._compressed(cids)
-                    if not cids or size > budget:
+                    if size > budget:
                         continue
                     budget -= size
                     todo += cids
                     if module_or_none is not None:
                         level.append(module_or_none)
+                    else:
+                        libraries.append(target)
                 if todo:
                     await self._fetch_speculatively(todo)
+                if self._config.speculate_library_bytes > 0:
+                    for library in libraries:  # an extension module: the loader comes next
+                        trio.lowlevel.spawn_system_task(self._follow_libraries, library)
+                    libraries.clear()
         except LayerError:
             pass  # the reader that needs these files fetches them again and reports the error
         except Exception:
             log.exception("layer %s: unexpected error following the imports of node %d",
                           self.layer_digest, node)
+
+    async def _follow_libraries(self, node: NodeId) -> None:
+        """If ``node`` is an ELF file, fetch what the dynamic loader reads of it next (its
+        dynamic section and writable segment) and the first chunk of each library it needs
+        from this layer, then the same for those, level by level (see :mod:`fusefs.elf`).
+        Bounded by ``speculate_library_bytes`` per walk; each file is looked at once."""
+        try:
+            self._followed.add(node)
+            budget = self._config.speculate_library_bytes
+            level = [node]
+            while level and budget > 0:
+                found: list[NodeId] = []
+                for library in level:
+                    budget, needed = await self._load(library, budget)
+                    for target in needed:
+                        if target not in self._followed:
+                            self._followed.add(target)
+                            found.append(target)
+                todo: list[int] = []
+                for target in found:
+                    head = self._fetchable(self.index.chunk_ids(target)[:1], set())
+                    size = self._compressed(head)
+                    if size <= budget:
+                        budget -= size
+                        todo += head
+                if todo:
+                    await self._fetch_speculatively(todo)
+                level = found
+        except LayerError:
+            pass  # the loader's own read fetches again and reports the error
+        except Exception:
+            log.exception("layer %s: unexpected error following the libraries of node %d",
+                          self.layer_digest, node)
+
+    async def _load(self, node: NodeId, budget: int) -> tuple[int, list[NodeId]]:
+        """What loading ELF file ``node`` reads next: fetched (within ``budget``, which is
+        returned less what that took) and, from its dynamic section, the libraries it needs.
+        Reads only its first chunk (fetched already) beyond what the budget pays for."""
+        index = self.index
+        size = index.size(node)
+        first = index.chunk_ids(node)[:1]
+        if not first:
+            return budget, []
+        head = await self._gather(node, 0, min(size, _ELF_HEAD_BYTES, index.chunk_size(first[0])))
+        layout = elf.layout(head, size)
+        if layout is None or layout.dynamic is None:
+            return budget, []
+        budget = await self._fetch_within(node, layout.touched(), budget)
+        offset, length = layout.dynamic
+        if budget < 0:
+            return 0, []
+        dynamic = elf.dynamic_entries(await self._gather(node, offset, offset + length), layout)
+        if dynamic is None or not dynamic.needed or dynamic.strtab >= size:
+            return budget, []
+        strtab_end = min(size, dynamic.strtab + dynamic.strsz, dynamic.strtab + _STRTAB_BYTES)
+        budget = await self._fetch_within(node, [(dynamic.strtab, strtab_end - dynamic.strtab)], budget)
+        if budget < 0:
+            return 0, []
+        strtab = await self._gather(node, dynamic.strtab, strtab_end)
+        search = [path for offset in dynamic.search
+                  for path in (elf.string_at(strtab, offset) or b"").split(b":") if path]
+        finder = LibraryFinder(index, self._directory, await self._ld_so_cache_map())
+        names = [elf.string_at(strtab, offset) or b"" for offset in dynamic.needed]
+        needed = [finder.find(node, name, search) for name in names]
+        return budget, [library for library in needed if library is not None]
+
+    async def _fetch_within(self, node: NodeId, ranges: Sequence[tuple[int, int]], budget: int) -> int:
+        """Fetch the chunks of ``node`` under ``ranges`` (one request) if ``budget`` covers them;
+        the budget left, negative if it did not."""
+        cids: list[int] = []
+        for offset, length in ranges:
+            cids += self._fetchable(self.index.chunks_in(node, offset, length), set(cids))
+        cost = self._compressed(cids)
+        if cost > budget:
+            return -1
+        if cids:
+            await self._fetch_speculatively(cids)
+        return budget - cost
+
+    async def _ld_so_cache_map(self) -> dict[bytes, bytes]:
+        """The layer's ``/etc/ld.so.cache`` parsed (read once; empty if it has none)."""
+        if self._ld_so_cache is None:
+            self._ld_so_cache = {}
+            node = self.index.resolve(b"etc/ld.so.cache")
+            if node is not None and 0 < self.index.size(node) <= _LD_SO_CACHE_BYTES:
+                self._ld_so_cache = elf.ld_so_cache(await self._gather(node, 0, self.index.size(node)))
+        return self._ld_so_cache
 
     def _scan(self, node: NodeId, taken: set[int]) -> list[int]:
         """When a second file of one kind is missed in a directory, the first chunk of its other

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fusefs.index import ROOT, LayerIndex, NodeId
+from fusefs.index import LayerIndex, NodeId
 
 _SOURCE_IMPORT = re.compile(
     rb"^([ \t]*)(?:from[ \t]+([.\w]+)[ \t]+import[ \t]+(?:\(([^)]*)\)|([\w \t,]*))|import[ \t]+([\w. \t,]+))",
@@ -329,17 +329,10 @@ class ModuleResolver:
         version = match.group(1) + b"." + match.group(2)
         found = []
         for prefix in (b"usr/lib", b"usr/local/lib"):
-            directory = self._path(prefix + b"/python" + version)
-            if directory is not None:
+            directory = self._index.resolve(prefix + b"/python" + version)
+            if directory is not None and self._index.is_dir(directory):
                 found.append(directory)
         return found
-
-    def _path(self, path: bytes) -> NodeId | None:
-        """The directory at ``path`` below the layer's root (no symlinks followed), or None."""
-        node: NodeId | None = ROOT
-        for part in path.split(b"/"):
-            node = self._index.lookup(node, part) if node is not None else None
-        return node if node is not None and self._index.is_dir(node) else None
 
     def _root(self, module: Module) -> NodeId:
         """The directory above the module's outermost package (its ``sys.path`` entry)."""

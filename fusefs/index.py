@@ -862,6 +862,34 @@ class LayerIndex:
     def readlink(self, node: NodeId) -> bytes | None:
         return self._targets.get(node)
 
+    def resolve(self, path: bytes, hops: int = 8) -> NodeId | None:
+        """The node at ``path`` (from the root), following symlinks that stay in this layer
+        (absolute targets from its root, at most ``hops`` of them); None if it leads out of it."""
+        node = ROOT
+        parents: list[NodeId] = []
+        parts = [p for p in path.split(b"/") if p and p != b"."]
+        parts.reverse()
+        while parts:
+            part = parts.pop()
+            if part == b"..":
+                node = parents.pop() if parents else ROOT
+                continue
+            child = self.lookup(node, part) if self.is_dir(node) else None
+            if child is None:
+                return None
+            target = self.readlink(child)
+            if target is None:
+                parents.append(node)
+                node = child
+                continue
+            hops -= 1
+            if hops < 0:
+                return None
+            if target.startswith(b"/"):
+                node, parents = ROOT, []
+            parts.extend(reversed([p for p in target.split(b"/") if p and p != b"."]))
+        return node
+
     def xattrs(self, node: NodeId) -> Mapping[bytes, bytes]:
         return self._xattrs.get(node, {})
 

@@ -123,6 +123,11 @@ class FetchConfig:
                                           "of its layer that it imports, and theirs in turn (names read "
                                           "from its bytes), up to this many compressed bytes; 0 = off",
                                           "bytes", min=0, max=1 << 30)
+    speculate_library_bytes: int = setting(16 << 20, "an ELF file's first miss at its start also fetches "
+                                           "what the dynamic loader reads next (dynamic section, "
+                                           "writable segment) and the libraries of its layer it "
+                                           "needs, down the chain, up to this many compressed "
+                                           "bytes; 0 = off", "bytes", min=0, max=1 << 30)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def fusefs_config(cfg: Config, userxattr: bool) -> fusefs_config_mod.FusefsConfi
             neighbour_bytes=fetch.neighbour_bytes, speculate_file_bytes=fetch.speculate_file_bytes,
             speculate_dir_bytes=fetch.speculate_dir_bytes, small_file_bytes=fetch.small_file_bytes,
             speculate_scan_bytes=fetch.speculate_scan_bytes, speculate_scan_files=fetch.speculate_scan_files,
-            speculate_import_bytes=fetch.speculate_import_bytes, memory_bytes=cache.memory_bytes),
+            speculate_import_bytes=fetch.speculate_import_bytes,
+            speculate_library_bytes=fetch.speculate_library_bytes, memory_bytes=cache.memory_bytes),
         prefetch=fusefs_config_mod.PrefetchConfig(
             prefetch=not prefetch.noprefetch, background=not prefetch.no_background_fetch,
             background_rate=prefetch.background_rate, background_step_bytes=prefetch.background_step_bytes,
