@@ -17,7 +17,7 @@ import math
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -187,6 +187,7 @@ class ChunkFetcher:
         config: FetchConfig,
         gate: PriorityGate,
         writer: CacheWriter | None = None,
+        image_layers: Callable[[], Sequence[ChunkFetcher]] | None = None,
     ) -> None:
         self.layer_digest = layer_digest
         self.index = index
@@ -210,6 +211,8 @@ class ChunkFetcher:
         self._kinds: dict[int, set[bytes] | None] = {}
         self._followed: set[int] = set()  # Python modules and libraries whose imports were looked for
         self._ld_so_cache: dict[bytes, bytes] | None = None
+        # the fetchers of the other mounted layers of this layer's image, for the walks
+        self._image_layers: Callable[[], Sequence[ChunkFetcher]] = image_layers or tuple
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
         self._order: tuple[array[int], array[int]] | None = None
 
@@ -369,7 +372,8 @@ class ChunkFetcher:
 
     async def _follow_imports(self, node: NodeId) -> None:
         """If ``node`` is a Python module, fetch the modules it imports from this layer, level
-        by level of the import tree (see :mod:`fusefs.imports`), once its own bytes are here.
+        by level of the import tree (see :mod:`fusefs.imports`), once its own bytes are here;
+        the names it imports go to the image's other layers too (:meth:`follow_names`).
 
         Only modules not yet cached are followed further: one already cached was read before or
         prefetched, and a miss on one of its imports starts a walk of its own. Bounded by
@@ -378,51 +382,80 @@ class ChunkFetcher:
         try:
             resolver = ModuleResolver(self.index, self._directory)
             first = resolver.module(node)
-            if first is None:
-                return
-            self._followed.add(node)
-            budget = self._config.speculate_import_bytes
-            level = [first]
-            libraries: list[NodeId] = []
-            while level and budget > 0:
-                found: dict[NodeId, Module | None] = {}
-                for module in level:
-                    size = self.index.size(module.node)
-                    if 0 < size <= _MODULE_BYTES:
-                        data = await self._gather(module.node, 0, size)
-                        names = compiled_names(data) if module.tag is not None else source_names(data)
-                        del data
-                        found.update(resolver.resolve(module, names))
-                todo: list[int] = []
-                level = []
-                for target, module_or_none in found.items():
-                    chunks = self.index.chunk_ids(target)
-                    if target in self._followed or all(self.is_cached(cid) for cid in chunks):
-                        continue
-                    self._followed.add(target)
-                    cids = self._fetchable(chunks, set())  # none if another fetch has them in flight
-                    if len(cids) > 1 and self._compressed(cids) > self._config.speculate_file_bytes:
-                        cids = cids[:1]  # a large library: its first chunk is read at once
-                    size = self._compressed(cids)
-                    if size > budget:
-                        continue
-                    budget -= size
-                    todo += cids
-                    if module_or_none is not None:
-                        level.append(module_or_none)
-                    else:
-                        libraries.append(target)
-                if todo:
-                    await self._fetch_speculatively(todo)
-                if self._config.speculate_library_bytes > 0:
-                    for library in libraries:  # an extension module: the loader comes next
-                        trio.lowlevel.spawn_system_task(self._follow_libraries, library)
-                    libraries.clear()
+            if first is not None:
+                self._followed.add(node)
+                await self._walk_imports(resolver, [first], {})
         except LayerError:
             pass  # the reader that needs these files fetches them again and reports the error
         except Exception:
             log.exception("layer %s: unexpected error following the imports of node %d",
                           self.layer_digest, node)
+
+    def follow_names(self, tag: bytes, names: frozenset[str]) -> None:
+        """Start fetching the modules named ``names`` that this layer's ``sys.path`` roots for
+        cache tag ``tag`` hold (its standard library, ``lib-dynload``, site directories) and
+        what they import: another layer of the image has a module importing them."""
+        if self._config.speculate_import_bytes > 0:
+            trio.lowlevel.spawn_system_task(self._follow_names, tag, names)
+
+    async def _follow_names(self, tag: bytes, names: frozenset[str]) -> None:
+        try:
+            resolver = ModuleResolver(self.index, self._directory)
+            found = resolver.resolve_absolute(tag, names)
+            if found:
+                await self._walk_imports(resolver, [], found)
+        except LayerError:
+            pass
+        except Exception:
+            log.exception("layer %s: unexpected error following imported names", self.layer_digest)
+
+    async def _walk_imports(self, resolver: ModuleResolver, level: list[Module],
+                            found: dict[NodeId, Module | None]) -> None:
+        """Scan ``level``'s modules for what they import, fetch that (and ``found``), and go on
+        with what was fetched, one level of the import tree per round."""
+        budget = self._config.speculate_import_bytes
+        while (level or found) and budget > 0:
+            shared: set[str] = set()
+            tag = None
+            for module in level:
+                size = self.index.size(module.node)
+                if 0 < size <= _MODULE_BYTES:
+                    data = await self._gather(module.node, 0, size)
+                    names = compiled_names(data) if module.tag is not None else source_names(data)
+                    del data
+                    found.update(resolver.resolve(module, names))
+                    if module.tag is not None:
+                        shared |= names
+                        tag = module.tag
+            if shared and tag is not None:
+                for layer in self._image_layers():
+                    layer.follow_names(tag, frozenset(shared))
+            todo: list[int] = []
+            libraries: list[NodeId] = []
+            level = []
+            for target, module_or_none in found.items():
+                chunks = self.index.chunk_ids(target)
+                if target in self._followed or all(self.is_cached(cid) for cid in chunks):
+                    continue
+                self._followed.add(target)
+                cids = self._fetchable(chunks, set())  # none if another fetch has them in flight
+                if len(cids) > 1 and self._compressed(cids) > self._config.speculate_file_bytes:
+                    cids = cids[:1]  # a large library: its first chunk is read at once
+                size = self._compressed(cids)
+                if size > budget:
+                    continue
+                budget -= size
+                todo += cids
+                if module_or_none is not None:
+                    level.append(module_or_none)
+                else:
+                    libraries.append(target)
+            found = {}
+            if todo:
+                await self._fetch_speculatively(todo)
+            if self._config.speculate_library_bytes > 0:
+                for library in libraries:  # an extension module: the loader comes next
+                    trio.lowlevel.spawn_system_task(self._follow_libraries, library)
 
     async def _follow_libraries(self, node: NodeId) -> None:
         """If ``node`` is an ELF file, fetch what the dynamic loader reads of it next (its
@@ -487,7 +520,31 @@ class ChunkFetcher:
         finder = LibraryFinder(index, self._directory, await self._ld_so_cache_map())
         names = [elf.string_at(strtab, offset) or b"" for offset in dynamic.needed]
         needed = [finder.find(node, name, search) for name in names]
+        elsewhere = [name for name, library in zip(names, needed, strict=True) if library is None and name]
+        if elsewhere:  # the image's other layers may have them ($ORIGIN means this layer)
+            for layer in self._image_layers():
+                layer.follow_libraries(elsewhere, [path for path in search if b"$" not in path])
         return budget, [library for library in needed if library is not None]
+
+    def follow_libraries(self, sonames: Sequence[bytes], search: Sequence[bytes]) -> None:
+        """Start a library walk from each of ``sonames`` this layer holds: a file of another
+        layer of the image needs them (``search``: its RUNPATH)."""
+        if self._config.speculate_library_bytes > 0:
+            trio.lowlevel.spawn_system_task(self._follow_sonames, tuple(sonames), tuple(search))
+
+    async def _follow_sonames(self, sonames: tuple[bytes, ...], search: tuple[bytes, ...]) -> None:
+        try:
+            finder = LibraryFinder(self.index, self._directory, await self._ld_so_cache_map())
+            for soname in sonames:
+                node = finder.find(None, soname, search)
+                if node is not None and node not in self._followed:
+                    self._followed.add(node)
+                    trio.lowlevel.spawn_system_task(self._follow_libraries, node)
+        except LayerError:
+            pass
+        except Exception:
+            log.exception("layer %s: unexpected error finding libraries another layer needs",
+                          self.layer_digest)
 
     async def _fetch_within(self, node: NodeId, ranges: Sequence[tuple[int, int]], budget: int) -> int:
         """Fetch the chunks of ``node`` under ``ranges`` (one request) if ``budget`` covers them;

@@ -37,6 +37,8 @@ _MAX_DEPTH = 200
 # marshal type codes (the high bit of each is the reference flag)
 _REF, _CODE, _LONG, _DICT, _NULL, _BYTES, _SMALL_TUPLE = b"rcl{0s)"
 _FLOAT_TEXT, _COMPLEX_TEXT = b"fx"
+_EXTENDED_ARG = 144  # CPython 3.8-3.12 opcodes
+_IMPORT_OPS = frozenset((108, 109))  # IMPORT_NAME, IMPORT_FROM
 _SHORT_STRINGS = frozenset(b"zZ")
 _COUNTED = frozenset(b"sautA")
 _SEQUENCES = frozenset(b")([<>")
@@ -56,12 +58,15 @@ class Module:
 
 
 def compiled_names(data: bytes) -> set[str]:
-    """The names a ``.pyc``'s module-level code uses (``co_names`` of its outermost code object).
+    """The modules a ``.pyc``'s module-level code imports when it runs.
 
-    Those are what the module imports when it is run (``import a.b`` names ``a.b``; ``from . import
-    c`` names ``c``), with the globals it stores and loads; names used only inside functions
-    (imports done lazily) are not among them. Empty for a file that is not a compiled module of
-    CPython 3.8 to 3.13, or whose marshal data does not parse.
+    ``import a.b`` names ``a.b``; ``from .m import c`` names ``m`` and ``c`` (which may be a
+    module of ``m``); imports inside functions and classes (done lazily, if ever) are not among
+    them. Read from the outermost code object's bytecode (the names its ``IMPORT_NAME`` and
+    ``IMPORT_FROM`` instructions take) for CPython 3.8 to 3.12; for 3.13, whose instructions are
+    numbered differently, every name of that code object (its ``co_names``: the imports with the
+    globals and attributes it uses). Empty for a file that is not such a compiled module, or
+    whose marshal data does not parse.
     """
     if len(data) < _PYC_HEADER or data[2:4] != b"\r\n":
         return set()
@@ -69,9 +74,28 @@ def compiled_names(data: bytes) -> set[str]:
     if not 3400 <= magic < 3600:
         return set()
     try:
-        return _Marshal(data, _PYC_HEADER, legacy=magic < 3450).module_names()
+        code, names = _Marshal(data, _PYC_HEADER, legacy=magic < 3450).module_code()
+        if magic < 3550 and code is not None:
+            names = _imported(code, names)
+        text = (name.decode("utf-8", "surrogatepass") for name in names)
+        return {name for name in text if _IDENTIFIER.match(name)}
     except (_Malformed, IndexError, UnicodeDecodeError):
         return set()
+
+
+def _imported(code: bytes, names: list[bytes]) -> list[bytes]:
+    """The names that the import instructions of ``code`` (CPython 3.8-3.12 wordcode) take."""
+    out: list[bytes] = []
+    extended = 0
+    for pos in range(0, len(code) - 1, 2):
+        op, arg = code[pos], code[pos + 1] | extended
+        if op == _EXTENDED_ARG:
+            extended = arg << 8
+            continue
+        extended = 0
+        if op in _IMPORT_OPS and arg < len(names):
+            out.append(names[arg])
+    return out
 
 
 class _Malformed(Exception):
@@ -91,14 +115,32 @@ class _Marshal:
         self._legacy = legacy  # CPython 3.8-3.10's code object layout
         self._refs: list[bytes | list[bytes] | None] = []
 
-    def module_names(self) -> set[str]:
-        if self._data[self._pos] & 0x7F != ord("c"):
+    def module_code(self) -> tuple[bytes | None, list[bytes]]:
+        """The outermost code object's bytecode (None if it is not plain bytes) and names."""
+        if self._data[self._pos] & 0x7F != _CODE:
             raise _Malformed("not a code object")
-        names = self._value(0, want_code_names=True)
-        if not isinstance(names, list):
-            return set()
-        text = (name.decode("utf-8", "surrogatepass") for name in names)
-        return {name for name in text if _IDENTIFIER.match(name)}
+        self._pos += 1
+        if self._data[self._pos - 1] & 0x80:
+            self._refs.append(None)
+        self._take(4 * (6 if self._legacy else 5))  # argument counts, stack size, flags
+        code = None
+        if self._data[self._pos] & 0x7F == _BYTES:
+            if self._data[self._pos] & 0x80:
+                self._refs.append(None)  # bytes: never looked up by reference here
+            length = self._long_at(self._pos + 1)
+            if length < 0:
+                raise _Malformed("negative length")
+            code = self._take(length + 5)[5:]
+        else:
+            self._value(1)
+        self._value(1)  # constants: nested code objects among them
+        names = self._value(1)
+        return code, names if isinstance(names, list) else []
+
+    def _long_at(self, pos: int) -> int:
+        if pos + 4 > len(self._data):
+            raise _Malformed("truncated")
+        return int.from_bytes(self._data[pos:pos + 4], "little", signed=True)
 
     def _long(self) -> int:
         end = self._pos + 4
@@ -116,9 +158,8 @@ class _Marshal:
         self._pos = end
         return chunk
 
-    def _value(self, depth: int, want_code_names: bool = False) -> bytes | list[bytes] | None:
-        """Skip one value; return it if it is a string (its bytes), a tuple's strings as a list,
-        or (with ``want_code_names``, for a code object) its ``co_names``."""
+    def _value(self, depth: int) -> bytes | list[bytes] | None:
+        """Skip one value; return it if it is a string (its bytes), or a tuple's strings."""
         if depth > _MAX_DEPTH:
             raise _Malformed("nested too deeply")
         data = self._data
@@ -160,7 +201,7 @@ class _Marshal:
             pos = self._pos
         elif kind == _CODE:
             self._pos = pos
-            result = self._code(depth, want_code_names)
+            self._code(depth)
             pos = self._pos
         elif kind in _FIXED:
             pos += _FIXED[kind]
@@ -187,20 +228,14 @@ class _Marshal:
             self._refs[slot] = result
         return result
 
-    def _code(self, depth: int, want_names: bool) -> list[bytes] | None:
+    def _code(self, depth: int) -> None:
         self._take(4 * (6 if self._legacy else 5))  # argument counts, stack size, flags
-        self._value(depth + 1)  # bytecode
-        self._value(depth + 1)  # constants: nested code objects among them
-        names = self._value(depth + 1)
-        if want_names:
-            return names if isinstance(names, list) else None
-        for _ in range(5):  # names of locals and cells, file name, name (and qualified name)
-            self._value(depth + 1)
+        for _ in range(8):  # bytecode, constants, names, names of locals and cells, file name, name
+            self._value(depth + 1)  # (and qualified name)
         self._long()
         self._value(depth + 1)  # line table
         if not self._legacy:
             self._value(depth + 1)  # exception table
-        return None
 
 
 def source_names(data: bytes) -> set[str]:
@@ -299,6 +334,26 @@ class ModuleResolver:
             for name in simple:
                 self._walk(package, [name], module.tag, found, None)
         found.pop(module.node, None)
+        return found
+
+    def resolve_absolute(self, tag: bytes, names: Iterable[str]) -> dict[NodeId, Module | None]:
+        """What importing ``names`` absolutely reads from this layer's ``sys.path`` roots for
+        cache tag ``tag``: the standard library and its ``lib-dynload``, the site directories
+        (another layer's module imports them; this one has those roots)."""
+        bases: list[NodeId] = []
+        for directory in self._standard_library(tag):
+            bases.append(directory)
+            for sub in (b"lib-dynload", b"site-packages", b"dist-packages"):
+                node = self._index.lookup(directory, sub)
+                if node is not None and self._index.is_dir(node):
+                    bases.append(node)
+        debian = self._index.resolve(b"usr/lib/python3/dist-packages")
+        if debian is not None and self._index.is_dir(debian):
+            bases.append(debian)
+        found: dict[NodeId, Module | None] = {}
+        for name in names:
+            for base in bases:
+                self._walk(base, name.split("."), tag, found, None)
         return found
 
     def _walk(self, base: NodeId, parts: list[str], tag: bytes | None,

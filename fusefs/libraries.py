@@ -28,13 +28,16 @@ class LibraryFinder:
         self._directory_of = directory_of
         self._cache = cache
 
-    def find(self, needing: NodeId, soname: bytes, search: Sequence[bytes]) -> NodeId | None:
-        """The regular file that loading ``soname`` for ``needing`` reads, or None."""
+    def find(self, needing: NodeId | None, soname: bytes, search: Sequence[bytes]) -> NodeId | None:
+        """The regular file that loading ``soname`` for ``needing`` (a file of this layer, or
+        None for one of another layer) reads, or None."""
         if not soname or b"/" in soname:
             return None
         candidates: list[bytes] = []
         for entry in search:
             if b"$ORIGIN" in entry or b"${ORIGIN}" in entry:
+                if needing is None:
+                    continue
                 origin = self.path_of(self._directory_of(needing))
                 if origin is None:
                     continue

@@ -40,6 +40,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -436,6 +437,15 @@ class LayerManager:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _image_layers(self, spec: LayerSpec) -> list[ChunkFetcher]:
+        """The fetchers of the mounted layers of ``spec``'s image (its neighbours), but its own."""
+        out = []
+        for digest in spec.neighbours[:_MAX_NEIGHBOURS]:
+            layer = self._served(digest) if digest != spec.digest else None
+            if layer is not None:
+                out.append(layer.fetcher)
+        return out
+
     def _served(self, digest: str) -> MountedLayer | None:
         hexpart = digest.partition(":")[2]
         for name in (hexpart[:16].encode(), hexpart.encode()):
@@ -461,7 +471,7 @@ class LayerManager:
             if self._table.by_name(name) is not None:
                 name = hexpart.encode()  # a prefix collision: use the full digest
             fetcher = ChunkFetcher(spec.digest, index, source, self.cache, self._config.fetch, self._gate,
-                                   self._writer)
+                                   self._writer, image_layers=partial(self._image_layers, spec))
             layer = self._table.add(name, spec.digest, index, fetcher)
         except BaseException:
             await source.aclose()
