@@ -30,7 +30,7 @@ from fusefs.codecs import ChunkBytes
 from fusefs.config import FetchConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
 from fusefs.imports import Module, ModuleResolver, compiled_names, source_names
-from fusefs.index import Chunk, LayerIndex, NodeId
+from fusefs.index import ROOT, Chunk, LayerIndex, NodeId
 from fusefs.libraries import LibraryFinder
 from fusefs.sources.base import BlobSource
 from fusefs.sources.replay import RecordingSource
@@ -47,7 +47,7 @@ STEP_BYTES = 4 << 20  # compressed bytes per request of a fetch nobody waits on 
 # served from there, not from a buffer of its size (see ``_complete_staged``)
 STAGE_BYTES = 1 << 20
 _READ_ATTEMPTS = 3
-_MODULE_BYTES = 2 << 20  # a Python module larger than this is not scanned for its imports
+_MODULE_BYTES = 1 << 20  # a Python module larger than this is not scanned for its imports
 _ELF_HEAD_BYTES = 64 << 10  # where an ELF file's program headers are looked for
 _STRTAB_BYTES = 1 << 20  # most of a dynamic string table read for the needed libraries' names
 _LD_SO_CACHE_BYTES = 4 << 20
@@ -206,6 +206,7 @@ class ChunkFetcher:
         self._reads = self._served = 0
         self._ahead_running = False
         self._parents: array[int] | None = None
+        self._entries: array[int] | None = None
         self._speculated: set[int] = set()  # files and directories whose speculation started
         # directory → name suffixes of its missed files; None once it was scanned
         self._kinds: dict[int, set[bytes] | None] = {}
@@ -380,7 +381,7 @@ class ChunkFetcher:
         ``speculate_import_bytes`` per walk; each module is looked at once.
         """
         try:
-            resolver = ModuleResolver(self.index, self._directory)
+            resolver = ModuleResolver(self.index, self._directory, self._name)
             first = resolver.module(node)
             if first is not None:
                 self._followed.add(node)
@@ -400,7 +401,7 @@ class ChunkFetcher:
 
     async def _follow_names(self, tag: bytes, names: frozenset[str]) -> None:
         try:
-            resolver = ModuleResolver(self.index, self._directory)
+            resolver = ModuleResolver(self.index, self._directory, self._name)
             found = resolver.resolve_absolute(tag, names)
             if found:
                 await self._walk_imports(resolver, [], found)
@@ -517,7 +518,7 @@ class ChunkFetcher:
         strtab = await self._gather(node, dynamic.strtab, strtab_end)
         search = [path for offset in dynamic.search
                   for path in (elf.string_at(strtab, offset) or b"").split(b":") if path]
-        finder = LibraryFinder(index, self._directory, await self._ld_so_cache_map())
+        finder = LibraryFinder(index, self._directory, self._name, await self._ld_so_cache_map())
         names = [elf.string_at(strtab, offset) or b"" for offset in dynamic.needed]
         needed = [finder.find(node, name, search) for name in names]
         elsewhere = [name for name, library in zip(names, needed, strict=True) if library is None and name]
@@ -534,7 +535,7 @@ class ChunkFetcher:
 
     async def _follow_sonames(self, sonames: tuple[bytes, ...], search: tuple[bytes, ...]) -> None:
         try:
-            finder = LibraryFinder(self.index, self._directory, await self._ld_so_cache_map())
+            finder = LibraryFinder(self.index, self._directory, self._name, await self._ld_so_cache_map())
             for soname in sonames:
                 node = finder.find(None, soname, search)
                 if node is not None and node not in self._followed:
@@ -583,8 +584,7 @@ class ChunkFetcher:
         kinds = self._kinds.setdefault(directory, set())
         if kinds is None:  # scanned already
             return []
-        name = next((n for _, n, child in index.children(directory) if child == node), b"")
-        kind = _suffix(name)
+        kind = _suffix(self._name(node))
         if not kind:
             return []
         if kind not in kinds:
@@ -609,6 +609,12 @@ class ChunkFetcher:
         if self._parents is None:  # built on the first speculation only
             self._parents = self.index.parents()
         return NodeId(self._parents[node])
+
+    def _name(self, node: NodeId) -> bytes:
+        """``node``'s name in :meth:`_directory` (a lookup, not a scan of the directory)."""
+        if self._entries is None:
+            self._entries = self.index.entries()
+        return self.index.entry_name(self._entries[node]) if node != ROOT else b""
 
     def _fetchable(self, cids: Sequence[int], taken: set[int]) -> list[int]:
         """Those of ``cids`` not taken, cached, in flight or failing."""

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from fusefs.index import LayerIndex, NodeId
 
 _SOURCE_IMPORT = re.compile(
-    rb"^([ \t]*)(?:from[ \t]+([.\w]+)[ \t]+import[ \t]+(?:\(([^)]*)\)|([\w \t,]*))|import[ \t]+([\w. \t,]+))",
+    rb"^([ \t]*)(?:from[ \t]+([.\w]+)[ \t]+import[ \t]+(?:\(([^)]{0,4096})\)|([\w \t,]*))"
+    rb"|import[ \t]+([\w. \t,]+))",
     re.MULTILINE)
 _COMMENT = re.compile(rb"#[^\n]*")
 _MARGIN_STATEMENT = re.compile(rb"^(?:(def|class|async|@)|[^\s#])", re.MULTILINE)
@@ -281,18 +282,18 @@ class ModuleResolver:
     ``__pycache__``'s), and kept for the resolver's life: make one per burst of work.
     """
 
-    def __init__(self, index: LayerIndex, directory_of: Callable[[NodeId], NodeId]) -> None:
+    def __init__(self, index: LayerIndex, directory_of: Callable[[NodeId], NodeId],
+                 name_of: Callable[[NodeId], bytes]) -> None:
         self._index = index
         self._directory_of = directory_of
+        self._name_of = name_of
         self._tables: dict[tuple[NodeId, bytes | None], dict[str, _Entry]] = {}
 
     def module(self, node: NodeId) -> Module | None:
         """``node`` as a module file (``.pyc`` in a ``__pycache__``, or ``.py``), or None."""
         index = self._index
         directory = self._directory_of(node)
-        name = next((n for _, n, child in index.children(directory) if child == node), None)
-        if name is None:
-            return None
+        name = self._name_of(node)
         if name.endswith(b".py"):
             return Module(node, directory, None)
         if not name.endswith(b".pyc"):

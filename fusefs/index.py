@@ -859,6 +859,24 @@ class LayerIndex:
                     parent[child] = d
         return parent
 
+    def entries(self) -> array[int]:
+        """Each node's first entry (the position :meth:`entry_name` takes; the root's is 0, it
+        has none). Built on each call, like :meth:`parents`."""
+        entry = array("I", bytes(4 * self.node_count))
+        seen = bytearray(self.node_count)
+        for d in range(self.node_count):  # in the order parents() takes: the same first entry
+            start = self._child_start[d]
+            for pos in range(start, start + self._child_count[d]):
+                child = self._e_node[pos]
+                if not seen[child]:
+                    seen[child] = 1
+                    entry[child] = pos
+        return entry
+
+    def entry_name(self, pos: int) -> bytes:
+        """The name of the entry at ``pos`` (see :meth:`entries`)."""
+        return self._entry_name(pos)
+
     def readlink(self, node: NodeId) -> bytes | None:
         return self._targets.get(node)
 

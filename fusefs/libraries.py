@@ -23,9 +23,10 @@ class LibraryFinder:
     """Finds needed libraries in one layer; ``cache`` is the layer's parsed ``ld.so.cache``."""
 
     def __init__(self, index: LayerIndex, directory_of: Callable[[NodeId], NodeId],
-                 cache: dict[bytes, bytes]) -> None:
+                 name_of: Callable[[NodeId], bytes], cache: dict[bytes, bytes]) -> None:
         self._index = index
         self._directory_of = directory_of
+        self._name_of = name_of
         self._cache = cache
 
     def find(self, needing: NodeId | None, soname: bytes, search: Sequence[bytes]) -> NodeId | None:
@@ -61,12 +62,8 @@ class LibraryFinder:
         for _ in range(256):
             if node == ROOT:
                 return b"/" + b"/".join(reversed(names))
-            parent = self._directory_of(node)
-            name = next((n for _, n, child in self._index.children(parent) if child == node), None)
-            if name is None:
-                return None
-            names.append(name)
-            node = parent
+            names.append(self._name_of(node))
+            node = self._directory_of(node)
         return None
 
     def _is_file(self, node: NodeId) -> bool:

@@ -324,11 +324,29 @@ def test_source_names() -> None:
                                   "numpy.core.multiarray", "json.decoder", "z", "z.w", "fast", "slow"}
 
 
+def test_an_unclosed_parenthesis_names_only_the_package() -> None:
+    assert source_names(b"from a import (b,\n" + b"c, " * 5000 + b")") == {"a"}  # beyond the bound
+    assert source_names(b"from a import (b,\n c\nimport d\n") == {"a", "d"}  # never closed
+
+
+def test_every_node_has_its_name_and_directory(tmp_path: Path) -> None:
+    _, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
+    index = fetcher.index
+    parents, entries = index.parents(), index.entries()
+    paths = dict(index.walk())
+    for path, node in paths.items():
+        directory, _, name = path.rpartition("/")
+        assert index.entry_name(entries[node]) == name.encode()
+        assert parents[node] == (paths[directory] if directory else 0)
+
+
 def test_a_file_outside_a_pycache_is_no_compiled_module(tmp_path: Path) -> None:
     _, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
     index = fetcher.index
     parents = index.parents()
-    resolver = ModuleResolver(index, lambda node: NodeId(parents[node]))
+    entries = index.entries()
+    resolver = ModuleResolver(index, lambda node: NodeId(parents[node]),
+                              lambda node: index.entry_name(entries[node]))
     assert resolver.module(_node(index, f"{SITE}/app/{EXT}")) is None
     module = resolver.module(_node(index, _pyc(f"{SITE}/app/__init__.py")))
     assert module is not None and module.tag == TAG.encode()

@@ -230,7 +230,8 @@ def test_origin_and_default_directories(tmp_path: Path) -> None:
     _, fetcher = _fetcher(tmp_path, blob)
     index = fetcher.index
     parents = index.parents()
-    finder = LibraryFinder(index, lambda n: NodeId(parents[n]), {})
+    entries = index.entries()
+    finder = LibraryFinder(index, lambda n: NodeId(parents[n]), lambda n: index.entry_name(entries[n]), {})
     tool = _node(index, "app/bin/tool")
     assert finder.path_of(tool) == b"/app/bin/tool"
     assert finder.find(tool, b"libz.so.1", [b"$ORIGIN/../lib"]) == _node(index, "app/lib/libz.so.1")
