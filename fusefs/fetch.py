@@ -205,8 +205,7 @@ class ChunkFetcher:
         self._integrity_failures = self._source_failures = 0
         self._reads = self._served = 0
         self._ahead_running = False
-        self._parents: array[int] | None = None
-        self._entries: array[int] | None = None
+        self._tree_links: tuple[array[int], array[int]] | None = None  # each node's directory, entry
         self._speculated: set[int] = set()  # files and directories whose speculation started
         # directory → name suffixes of its missed files; None once it was scanned
         self._kinds: dict[int, set[bytes] | None] = {}
@@ -606,15 +605,16 @@ class ChunkFetcher:
         return todo
 
     def _directory(self, node: NodeId) -> NodeId:
-        if self._parents is None:  # built on the first speculation only
-            self._parents = self.index.parents()
-        return NodeId(self._parents[node])
+        return NodeId(self._links()[0][node])
 
     def _name(self, node: NodeId) -> bytes:
         """``node``'s name in :meth:`_directory` (a lookup, not a scan of the directory)."""
-        if self._entries is None:
-            self._entries = self.index.entries()
-        return self.index.entry_name(self._entries[node]) if node != ROOT else b""
+        return self.index.entry_name(self._links()[1][node]) if node != ROOT else b""
+
+    def _links(self) -> tuple[array[int], array[int]]:
+        if self._tree_links is None:  # built on the first speculation only
+            self._tree_links = self.index.links()
+        return self._tree_links
 
     def _fetchable(self, cids: Sequence[int], taken: set[int]) -> list[int]:
         """Those of ``cids`` not taken, cached, in flight or failing."""

@@ -726,12 +726,11 @@ def _refuse_coverage(idx: LayerIndex, kinds: array[int], ends: array[int]) -> No
 
 def _node_path(idx: LayerIndex, node: int) -> str:
     """A path of ``node`` in an index whose entry table is complete (for error messages)."""
-    parents = idx.parents()
+    parents, entries = idx.links()
     parts: list[bytes] = []
     while node != ROOT:
-        parent = parents[node]
-        parts.append(next(name for _, name, child in idx.children(NodeId(parent)) if child == node))
-        node = parent
+        parts.append(idx.entry_name(entries[node]))
+        node = parents[node]
     return b"/".join(reversed(parts)).decode("utf-8", "replace")[:200]
 
 
@@ -848,7 +847,13 @@ class LayerIndex:
 
         Built on each call (one pass over the entries): callers that need it keep it.
         """
+        return self.links()[0]
+
+    def links(self) -> tuple[array[int], array[int]]:
+        """Each node's directory and its entry there (the position :meth:`entry_name` takes):
+        the first of a hardlinked file's; the root's are itself and 0. Built on each call."""
         parent = array("I", bytes(4 * self.node_count))
+        entry = array("I", bytes(4 * self.node_count))
         seen = bytearray(self.node_count)
         for d in range(self.node_count):
             start = self._child_start[d]
@@ -857,24 +862,11 @@ class LayerIndex:
                 if not seen[child]:
                     seen[child] = 1
                     parent[child] = d
-        return parent
-
-    def entries(self) -> array[int]:
-        """Each node's first entry (the position :meth:`entry_name` takes; the root's is 0, it
-        has none). Built on each call, like :meth:`parents`."""
-        entry = array("I", bytes(4 * self.node_count))
-        seen = bytearray(self.node_count)
-        for d in range(self.node_count):  # in the order parents() takes: the same first entry
-            start = self._child_start[d]
-            for pos in range(start, start + self._child_count[d]):
-                child = self._e_node[pos]
-                if not seen[child]:
-                    seen[child] = 1
                     entry[child] = pos
-        return entry
+        return parent, entry
 
     def entry_name(self, pos: int) -> bytes:
-        """The name of the entry at ``pos`` (see :meth:`entries`)."""
+        """The name of the entry at ``pos`` (see :meth:`links`)."""
         return self._entry_name(pos)
 
     def readlink(self, node: NodeId) -> bytes | None:

@@ -191,9 +191,10 @@ def test_the_standard_library_resolves_from_its_root_and_lib_dynload(tmp_path: P
     assert not _cached(fetcher, _pyc(f"{STDLIB}/struct.py"))
 
 
-def test_the_budget_bounds_what_is_followed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", [1, 0], ids=["one-byte", "off"])
+def test_the_budget_bounds_what_is_followed(tmp_path: Path, budget: int) -> None:
     source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True),
-                               replace(IMPORTS, speculate_import_bytes=1))
+                               replace(IMPORTS, speculate_import_bytes=budget))
 
     async def main() -> None:
         await fetcher.read(_node(fetcher.index, _pyc(f"{SITE}/app/__init__.py")), 0, 1 << 20)
@@ -202,18 +203,6 @@ def test_the_budget_bounds_what_is_followed(tmp_path: Path) -> None:
     trio.run(main)
     assert len(source.calls) == 1
     assert not _cached(fetcher, _pyc(f"{SITE}/app/core.py"))
-
-
-def test_off_when_the_budget_is_zero(tmp_path: Path) -> None:
-    source, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True),
-                               replace(IMPORTS, speculate_import_bytes=0))
-
-    async def main() -> None:
-        await fetcher.read(_node(fetcher.index, _pyc(f"{SITE}/app/__init__.py")), 0, 1 << 20)
-        await _settled(fetcher)
-
-    trio.run(main)
-    assert len(source.calls) == 1
 
 
 def test_a_cached_module_is_not_followed_again(tmp_path: Path) -> None:
@@ -332,7 +321,7 @@ def test_an_unclosed_parenthesis_names_only_the_package() -> None:
 def test_every_node_has_its_name_and_directory(tmp_path: Path) -> None:
     _, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
     index = fetcher.index
-    parents, entries = index.parents(), index.entries()
+    parents, entries = index.links()
     paths = dict(index.walk())
     for path, node in paths.items():
         directory, _, name = path.rpartition("/")
@@ -343,8 +332,7 @@ def test_every_node_has_its_name_and_directory(tmp_path: Path) -> None:
 def test_a_file_outside_a_pycache_is_no_compiled_module(tmp_path: Path) -> None:
     _, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True), IMPORTS)
     index = fetcher.index
-    parents = index.parents()
-    entries = index.entries()
+    parents, entries = index.links()
     resolver = ModuleResolver(index, lambda node: NodeId(parents[node]),
                               lambda node: index.entry_name(entries[node]))
     assert resolver.module(_node(index, f"{SITE}/app/{EXT}")) is None

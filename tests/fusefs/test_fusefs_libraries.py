@@ -229,8 +229,7 @@ def test_origin_and_default_directories(tmp_path: Path) -> None:
     _pack(tree, blob)
     _, fetcher = _fetcher(tmp_path, blob)
     index = fetcher.index
-    parents = index.parents()
-    entries = index.entries()
+    parents, entries = index.links()
     finder = LibraryFinder(index, lambda n: NodeId(parents[n]), lambda n: index.entry_name(entries[n]), {})
     tool = _node(index, "app/bin/tool")
     assert finder.path_of(tool) == b"/app/bin/tool"
