@@ -17,9 +17,10 @@ import math
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeAlias
 
 import trio
@@ -364,11 +365,25 @@ class ChunkFetcher:
         if todo:
             trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
         if node not in self._followed:
-            if config.speculate_import_bytes > 0:
-                trio.lowlevel.spawn_system_task(self._follow_imports, node)
+            # only a module's name can make it one: no task for any other file
+            if config.speculate_import_bytes > 0 and self._name(node).endswith((b".py", b".pyc")):
+                self._spawn("an import walk", partial(self._follow_imports, node))
             head = index.chunk_ids(node)[:1]
             if config.speculate_library_bytes > 0 and head and head[0] in taken:
-                trio.lowlevel.spawn_system_task(self._follow_libraries, node)
+                self._spawn("a library walk", partial(self._follow_libraries, node))
+
+    def _spawn(self, what: str, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``job`` as a system task nobody waits on (see :meth:`_guarded`)."""
+        trio.lowlevel.spawn_system_task(self._guarded, what, job)
+
+    async def _guarded(self, what: str, job: Callable[[], Awaitable[object]]) -> None:
+        # nothing may escape a system task: an exception would end the whole trio run
+        try:
+            await job()
+        except LayerError:
+            pass  # a reader that needs these bytes fetches them again and reports the error
+        except Exception:
+            log.exception("layer %s: unexpected error in %s", self.layer_digest, what)
 
     async def _follow_imports(self, node: NodeId) -> None:
         """If ``node`` is a Python module, fetch the modules it imports from this layer, level
@@ -379,35 +394,24 @@ class ChunkFetcher:
         prefetched, and a miss on one of its imports starts a walk of its own. Bounded by
         ``speculate_import_bytes`` per walk; each module is looked at once.
         """
-        try:
-            resolver = ModuleResolver(self.index, self._directory, self._name)
-            first = resolver.module(node)
-            if first is not None:
-                self._followed.add(node)
-                await self._walk_imports(resolver, [first], {})
-        except LayerError:
-            pass  # the reader that needs these files fetches them again and reports the error
-        except Exception:
-            log.exception("layer %s: unexpected error following the imports of node %d",
-                          self.layer_digest, node)
+        resolver = ModuleResolver(self.index, self._directory, self._name)
+        first = resolver.module(node)
+        if first is not None:
+            self._followed.add(node)
+            await self._walk_imports(resolver, [first], {})
 
     def follow_names(self, tag: bytes, names: frozenset[str]) -> None:
         """Start fetching the modules named ``names`` that this layer's ``sys.path`` roots for
         cache tag ``tag`` hold (its standard library, ``lib-dynload``, site directories) and
         what they import: another layer of the image has a module importing them."""
         if self._config.speculate_import_bytes > 0:
-            trio.lowlevel.spawn_system_task(self._follow_names, tag, names)
+            self._spawn("an import walk from another layer", partial(self._follow_names, tag, names))
 
     async def _follow_names(self, tag: bytes, names: frozenset[str]) -> None:
-        try:
-            resolver = ModuleResolver(self.index, self._directory, self._name)
-            found = resolver.resolve_absolute(tag, names)
-            if found:
-                await self._walk_imports(resolver, [], found)
-        except LayerError:
-            pass
-        except Exception:
-            log.exception("layer %s: unexpected error following imported names", self.layer_digest)
+        resolver = ModuleResolver(self.index, self._directory, self._name)
+        found = resolver.resolve_absolute(tag, names)
+        if found:
+            await self._walk_imports(resolver, [], found)
 
     async def _walk_imports(self, resolver: ModuleResolver, level: list[Module],
                             found: dict[NodeId, Module | None]) -> None:
@@ -455,40 +459,34 @@ class ChunkFetcher:
                 await self._fetch_speculatively(todo)
             if self._config.speculate_library_bytes > 0:
                 for library in libraries:  # an extension module: the loader comes next
-                    trio.lowlevel.spawn_system_task(self._follow_libraries, library)
+                    self._spawn("a library walk", partial(self._follow_libraries, library))
 
     async def _follow_libraries(self, node: NodeId) -> None:
         """If ``node`` is an ELF file, fetch what the dynamic loader reads of it next (its
         dynamic section and writable segment) and the first chunk of each library it needs
         from this layer, then the same for those, level by level (see :mod:`fusefs.elf`).
         Bounded by ``speculate_library_bytes`` per walk; each file is looked at once."""
-        try:
-            self._followed.add(node)
-            budget = self._config.speculate_library_bytes
-            level = [node]
-            while level and budget > 0:
-                found: list[NodeId] = []
-                for library in level:
-                    budget, needed = await self._load(library, budget)
-                    for target in needed:
-                        if target not in self._followed:
-                            self._followed.add(target)
-                            found.append(target)
-                todo: list[int] = []
-                for target in found:
-                    head = self._fetchable(self.index.chunk_ids(target)[:1], set())
-                    size = self._compressed(head)
-                    if size <= budget:
-                        budget -= size
-                        todo += head
-                if todo:
-                    await self._fetch_speculatively(todo)
-                level = found
-        except LayerError:
-            pass  # the loader's own read fetches again and reports the error
-        except Exception:
-            log.exception("layer %s: unexpected error following the libraries of node %d",
-                          self.layer_digest, node)
+        self._followed.add(node)
+        budget = self._config.speculate_library_bytes
+        level = [node]
+        while level and budget > 0:
+            found: list[NodeId] = []
+            for library in level:
+                budget, needed = await self._load(library, budget)
+                for target in needed:
+                    if target not in self._followed:
+                        self._followed.add(target)
+                        found.append(target)
+            todo: list[int] = []
+            for target in found:
+                head = self._fetchable(self.index.chunk_ids(target)[:1], set())
+                size = self._compressed(head)
+                if size <= budget:
+                    budget -= size
+                    todo += head
+            if todo:
+                await self._fetch_speculatively(todo)
+            level = found
 
     async def _load(self, node: NodeId, budget: int) -> tuple[int, list[NodeId]]:
         """What loading ELF file ``node`` reads next: fetched (within ``budget``, which is
@@ -530,21 +528,16 @@ class ChunkFetcher:
         """Start a library walk from each of ``sonames`` this layer holds: a file of another
         layer of the image needs them (``search``: its RUNPATH)."""
         if self._config.speculate_library_bytes > 0:
-            trio.lowlevel.spawn_system_task(self._follow_sonames, tuple(sonames), tuple(search))
+            self._spawn("finding libraries another layer needs",
+                        partial(self._follow_sonames, tuple(sonames), tuple(search)))
 
     async def _follow_sonames(self, sonames: tuple[bytes, ...], search: tuple[bytes, ...]) -> None:
-        try:
-            finder = LibraryFinder(self.index, self._directory, self._name, await self._ld_so_cache_map())
-            for soname in sonames:
-                node = finder.find(None, soname, search)
-                if node is not None and node not in self._followed:
-                    self._followed.add(node)
-                    trio.lowlevel.spawn_system_task(self._follow_libraries, node)
-        except LayerError:
-            pass
-        except Exception:
-            log.exception("layer %s: unexpected error finding libraries another layer needs",
-                          self.layer_digest)
+        finder = LibraryFinder(self.index, self._directory, self._name, await self._ld_so_cache_map())
+        for soname in sonames:
+            node = finder.find(None, soname, search)
+            if node is not None and node not in self._followed:
+                self._followed.add(node)
+                self._spawn("a library walk", partial(self._follow_libraries, node))
 
     async def _fetch_within(self, node: NodeId, ranges: Sequence[tuple[int, int]], budget: int) -> int:
         """Fetch the chunks of ``node`` under ``ranges`` (one request) if ``budget`` covers them;
@@ -634,13 +627,7 @@ class ChunkFetcher:
 
     async def _fetch_unwaited(self, cids: list[int], what: str) -> None:
         """Fetch ``cids`` into the cache for nobody in particular (a system task's body)."""
-        # nothing may escape a system task: an exception would end the whole trio run
-        try:
-            await self.ensure(cids, collect=False)
-        except LayerError:
-            pass  # a read that needs these chunks fetches them again and reports the error
-        except Exception:
-            log.exception("layer %s: unexpected error in %s", self.layer_digest, what)
+        await self._guarded(what, partial(self.ensure, cids, collect=False))
 
     def _blob_order(self) -> tuple[array[int], array[int]]:
         """Chunk ids sorted by blob offset, and each chunk's position in that order (built once:
