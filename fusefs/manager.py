@@ -438,10 +438,15 @@ class LayerManager:
     # -- internals --------------------------------------------------------------------------
 
     def _image_layers(self, spec: LayerSpec) -> list[ChunkFetcher]:
-        """The fetchers of the mounted layers of ``spec``'s image (its neighbours), but its own."""
-        out = []
-        for digest in spec.neighbours[:_MAX_NEIGHBOURS]:
-            layer = self._served(digest) if digest != spec.digest else None
+        """The fetchers of the mounted layers of ``spec``'s image but its own: the layers below
+        it first, nearest first, then those its labels name."""
+        out: list[ChunkFetcher] = []
+        seen = {spec.digest}
+        for digest in (*spec.lower[:_MAX_NEIGHBOURS], *spec.neighbours[:_MAX_NEIGHBOURS]):
+            if digest in seen:
+                continue
+            seen.add(digest)
+            layer = self._served(digest)
             if layer is not None:
                 out.append(layer.fetcher)
         return out

@@ -21,7 +21,10 @@ class LayerSpec:
         urls: alternative locations (``remote/urls``), including ``ipfs://<cid>``.
         toc_digest: expected TOC digest (``containerd.io/snapshot/stargz/toc.digest``), if any.
         media_type: the layer media type when known (gzip, zstd, nydus...).
-        neighbours: digests of the other layers of the same image (for parallel resolution).
+        neighbours: digests of other layers of the same image, from the labels (for parallel
+            resolution). containerd lists a layer and those above it, never those below.
+        lower: digests of the layers below this one in its image, nearest first (the snapshot's
+            parent chain): mounted already, and where its files' libraries and modules often are.
         prefetch_size: bytes of the landmark prefix to prefetch, from ``remote/stargz.prefetch``.
         format_hints: format-specific labels passed through unparsed (nydus, SOCI).
     """
@@ -33,5 +36,6 @@ class LayerSpec:
     toc_digest: str | None = None
     media_type: str | None = None
     neighbours: tuple[str, ...] = ()
+    lower: tuple[str, ...] = ()
     prefetch_size: int | None = None
     format_hints: dict[str, str] = field(default_factory=dict, compare=False, hash=False)

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Protocol, TypeVar, runtime_checkable
 
 import trio
@@ -170,6 +171,7 @@ class Snapshots:
             raise AlreadyExists(f"target snapshot {target!r} already exists")
         self._check_parent(parent)
         rec, chain = self._create_record(Kind.ACTIVE, key, parent, labels_)
+        spec = replace(spec, lower=_lower_layers(chain))
         mountpoint = self.layout.fs(rec.id)
         assert self.layerfs is not None
         try:
@@ -228,16 +230,17 @@ class Snapshots:
         if self.layerfs is None:
             return
 
-        def remote_records() -> list[Record]:
+        def remote_records() -> list[tuple[Record, tuple[str, ...]]]:
             with self.store.read() as tx:
-                return [r for r in tx.all() if is_remote(r)]
+                return [(r, _lower_layers(self._chain(tx, r))) for r in tx.all() if is_remote(r)]
 
-        for rec in await trio.to_thread.run_sync(remote_records):
+        for rec, lower in await trio.to_thread.run_sync(remote_records):
             mountpoint = self.layout.fs(rec.id)
             try:
                 spec = labels.layer_spec(rec.labels)
                 if spec is None:
                     raise LabelError("labels no longer describe a remote layer")
+                spec = replace(spec, lower=lower)
                 await trio.to_thread.run_sync(_detach_stale, mountpoint)
                 await self.layerfs.mount(spec, mountpoint)
             except Exception as exc:
@@ -374,6 +377,11 @@ def _layer_digest(rec: Record) -> str | None:
     except LabelError:
         return None
     return spec.digest if spec is not None else None
+
+
+def _lower_layers(chain: Sequence[Record]) -> tuple[str, ...]:
+    """The digests of the remote layers in ``chain`` (a snapshot's parents, nearest first)."""
+    return tuple(d for d in (_layer_digest(r) for r in chain if is_remote(r)) if d is not None)
 
 
 def _fsync_dir(path: str) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import io
 import marshal
+import os
 import py_compile
 import sys
 import tarfile
@@ -26,12 +27,14 @@ from hypothesis import strategies as st
 
 from estargz import convert
 from fusefs.cache import ChunkCache
-from fusefs.config import CacheConfig, FetchConfig
+from fusefs.config import CacheConfig, FetchConfig, FuseConfig, FusefsConfig, PrefetchConfig
 from fusefs.fetch import ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
 from fusefs.imports import ModuleResolver, compiled_names, source_names
 from fusefs.index import LayerIndex, NodeId
-from fusefs.sources.file import FileSource
+from fusefs.manager import LayerManager
+from fusefs.sources.file import FileSource, FileSourceFactory
+from fusefs.spec import LayerSpec
 from tests.fusefs.test_fusefs_fetch import GatedSource
 
 TAG = sys.implementation.cache_tag
@@ -69,9 +72,10 @@ def _pyc(path: str) -> str:
     return f"{directory}/__pycache__/{name[:-3]}.{TAG}.pyc"
 
 
-def _layer(tmp_path: Path, *, compiled: bool, only: str = "") -> Path:
+def _layer(tmp_path: Path, *, compiled: bool, only: str = "", padding: int = 0) -> Path:
     """The tree (the part under ``only``) as an eStargz blob: sources and, with ``compiled``,
-    their ``.pyc`` files."""
+    their ``.pyc`` files; ``padding`` random bytes at the end keep the modules out of the blob's
+    tail (which a mount reads, and caches)."""
     tree = tmp_path / "tree"
     files: dict[str, bytes] = {}
     for path, text in SOURCES.items():
@@ -88,6 +92,8 @@ def _layer(tmp_path: Path, *, compiled: bool, only: str = "") -> Path:
     for path, size in BINARIES.items():  # distinct bytes: equal chunks would be cached as one
         if path.startswith(only):
             files[path] = (path.encode() * size)[:size]
+    if padding:
+        files["zz/padding.bin"] = os.urandom(padding)
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         directories = sorted({p.rsplit("/", i)[0] for p in files for i in range(1, p.count("/") + 1)})
@@ -253,6 +259,46 @@ def test_a_module_of_one_layer_fetches_what_it_imports_from_the_image_s_other_la
     assert _cached(stdlib, f"{STDLIB}/lib-dynload/_json.{TAG}-x86_64-linux-gnu.so")
     assert not _cached(stdlib, _pyc(f"{STDLIB}/collections.py"))
     assert not _cached(stdlib, f"{STDLIB}/lib-dynload/_unrelated.{TAG}-x86_64-linux-gnu.so")
+
+
+@pytest.mark.parametrize("below", [True, False])
+def test_a_layer_mounted_as_containerd_describes_it_follows_imports_into_the_layers_below(
+        tmp_path: Path, below: bool) -> None:
+    # containerd's labels name a layer and the layers above it (cri.image-layers,
+    # remote/stargz.layers); the ones below come from the snapshot chain, as LayerSpec.lower
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    digests = []
+    for part, only in (("stdlib", STDLIB), ("site", SITE)):
+        (tmp_path / part).mkdir()
+        blob = _layer(tmp_path / part, compiled=True, only=only, padding=1 << 20)
+        digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+        blob.rename(blobs / digest.split(":")[1])
+        digests.append(digest)
+    stdlib_digest, site_digest = digests
+    config = FusefsConfig(cache=CacheConfig(dir=tmp_path / "cache", fsync=False),
+                          fuse=FuseConfig(mountpoint=tmp_path / "fuse"), fetch=IMPORTS,
+                          prefetch=PrefetchConfig(prefetch=False, background=False),
+                          allow_unverified_toc=True)
+
+    async def main() -> tuple[ChunkFetcher, ChunkFetcher]:
+        async with trio.open_nursery() as nursery:
+            manager = LayerManager(config, nursery, FileSourceFactory([blobs]), ChunkCache(config.cache))
+            stdlib = await manager._open_layer(LayerSpec(ref="r/app:1", digest=stdlib_digest,
+                                                         neighbours=(stdlib_digest, site_digest)))
+            site = await manager._open_layer(LayerSpec(ref="r/app:1", digest=site_digest,
+                                                       neighbours=(site_digest,),
+                                                       lower=(stdlib_digest,) if below else ()))
+            await site.fetcher.read(_node(site.index, _pyc(f"{SITE}/app/__init__.py")), 0, 1 << 20)
+            await _settled(site.fetcher)
+            await _settled(stdlib.fetcher)
+            manager.cache.close()
+            nursery.cancel_scope.cancel()
+        return stdlib.fetcher, site.fetcher
+
+    stdlib, _ = trio.run(main)
+    assert _cached(stdlib, _pyc(f"{STDLIB}/json/__init__.py")) is below
+    assert _cached(stdlib, _pyc(f"{STDLIB}/struct.py")) is below
 
 
 # -- the name readers ------------------------------------------------------------------------

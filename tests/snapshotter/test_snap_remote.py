@@ -163,6 +163,9 @@ def test_remote_layers_commit_serve_check_restore_and_remove(
         assert _code(exc) == grpc.StatusCode.ALREADY_EXISTS
         assert list(client.infos(f'labels."{REF}"==chain-2,parent=="chain-1"')) == ["chain-2"]
         assert _prepared_logs(caplog) == [True, True]
+        # containerd's labels name a layer and those above it; the layers below come from the chain
+        assert [(c.digest, c.neighbours, c.lower) for c in layerfs.mount_calls] == [
+            (D1, (D1, D2), ()), (D2, (D2,), (D1,))]
 
         # A container on top: overlay over both remote layers, mounted for real.
         mounts = client.Prepare(key="container", parent="chain-2").mounts
@@ -191,9 +194,12 @@ def test_remote_layers_commit_serve_check_restore_and_remove(
     # Stopped: the layer filesystem released its mounts. A restart mounts them again.
     remote_dirs = [d / "fs" for d in snaps.iterdir() if syscalls.is_mountpoint(str(d / "fs"))]
     assert remote_dirs == []
+    calls = len(layerfs.mount_calls)
     with InProcessDaemon(cfg, layerfs, release_on_exit=False) as client:
         mounted = sorted(layerfs.mounted)
         assert len(mounted) == 2 and all(syscalls.is_mountpoint(mp) for mp in mounted)
+        restored = {c.digest: c.lower for c in layerfs.mount_calls[calls:]}
+        assert restored == {D1: (), D2: (D1,)}  # a restored layer knows the layers below it too
         assert client.Mounts(key="container").mounts == mounts
     # That daemon "crashed" with its layers mounted; the next one replaces the stale mounts.
     with InProcessDaemon(cfg, layerfs) as client:
