@@ -56,6 +56,19 @@ def _split_ref(ref: str) -> tuple[str, str, str]:
     return host, name, tag
 
 
+def _push(containerd: Containerd, ref: str) -> None:
+    """`ctr-remote image push`, once more if the pusher panicked: the docker pusher of the
+    containerd release Debian's ctr-remote is built from can panic on a race between its
+    writer and its status channel ("send on closed channel", containerd PR 8379 fixed it
+    later). A push is idempotent: what the first attempt stored is content-addressed."""
+    res = containerd.ctr_remote("image", "push", "--plain-http", ref, check=False)
+    if res.returncode != 0 and "panic:" in res.stderr and "remotes/docker" in res.stderr:
+        res = containerd.ctr_remote("image", "push", "--plain-http", ref, check=False)
+    if res.returncode != 0:
+        raise HarnessError(f"ctr-remote image push {ref} failed ({res.returncode}):\n"
+                           f"{res.stderr.strip()[-2000:]}")
+
+
 def convert_estargz(containerd: Containerd, src_ref: str, dst_ref: str,
                     extra_convert_args: tuple[str, ...] = ()) -> EstargzImage:
     """Convert `src_ref` to eStargz as `dst_ref` and push it; HarnessError if any step fails.
@@ -65,7 +78,7 @@ def convert_estargz(containerd: Containerd, src_ref: str, dst_ref: str,
     """
     containerd.ctr("image", "pull", "--plain-http", "--all-platforms", src_ref, timeout=180)
     containerd.ctr_remote("image", "convert", "--estargz", "--oci", *extra_convert_args, src_ref, dst_ref)
-    containerd.ctr_remote("image", "push", "--plain-http", dst_ref)
+    _push(containerd, dst_ref)
     host, name, tag = _split_ref(dst_ref)
     r = httpx.get(f"http://{host}/v2/{name}/manifests/{tag}", headers={"Accept": _ACCEPT}, timeout=10)
     r.raise_for_status()
