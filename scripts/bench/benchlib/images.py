@@ -268,7 +268,7 @@ class ImageBuilder:
                 log.info("convert --estargz --oci -> %s", esgz)
                 run(containerd.ctr_remote("image", "convert", "--estargz", "--oci", org, esgz),
                     log_path=self.log_path)
-                run(containerd.ctr("image", "push", "--plain-http", esgz), log_path=self.log_path)
+                _push(containerd, esgz, self.log_path)
             if "opt" in missing:
                 opt = ref(registry.host, name, "opt")
                 log.info("optimize --oci (workload %s) -> %s", IMAGES[name].workload, opt)
@@ -276,7 +276,17 @@ class ImageBuilder:
                                           "--entrypoint", "[]", "--args",
                                           json.dumps(list(IMAGES[name].workload)), org, opt),
                     log_path=self.log_dir / f"optimize-{name}.log")
-                run(containerd.ctr("image", "push", "--plain-http", opt), log_path=self.log_path)
+                _push(containerd, opt, self.log_path)
+
+
+def _push(containerd: Containerd, image: str, log_path: Path) -> None:
+    """`ctr image push`, once more if it fails: the docker pusher of containerd 1.6 can panic
+    on a race between its writer and its status channel ("send on closed channel", fixed in a
+    later release). A push is idempotent: the blobs are content-addressed."""
+    argv = containerd.ctr("image", "push", "--plain-http", image)
+    if run(argv, log_path=log_path, check=False).returncode != 0:
+        log.warning("push of %s failed; pushing again (log: %s)", image, log_path)
+        run(argv, log_path=log_path)
 
 
 def expected_read_digest(name: str) -> str:
