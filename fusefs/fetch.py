@@ -212,6 +212,7 @@ class ChunkFetcher:
         self._kinds: dict[int, set[bytes] | None] = {}
         self._followed: set[int] = set()  # Python modules and libraries whose imports were looked for
         self._ld_so_cache: dict[bytes, bytes] | None = None
+        self._ld_so_cache_read: trio.Event | None = None  # set once _ld_so_cache is
         # the fetchers of the other mounted layers of this layer's image, for the walks
         self._image_layers: Callable[[], Sequence[ChunkFetcher]] = image_layers or tuple
         self.not_kept = 0  # verified chunks the cache did not keep (full, or a disk error)
@@ -553,13 +554,22 @@ class ChunkFetcher:
         return budget - cost
 
     async def _ld_so_cache_map(self) -> dict[bytes, bytes]:
-        """The layer's ``/etc/ld.so.cache`` parsed (read once; empty if it has none)."""
-        if self._ld_so_cache is None:
-            self._ld_so_cache = {}
+        """The layer's ``/etc/ld.so.cache`` parsed (read once; empty if it has none or its read
+        failed). Walks that ask while it is being read wait for it."""
+        if self._ld_so_cache_read is not None:
+            await self._ld_so_cache_read.wait()
+            assert self._ld_so_cache is not None
+            return self._ld_so_cache
+        self._ld_so_cache_read = read = trio.Event()
+        parsed: dict[bytes, bytes] = {}
+        try:
             node = self.index.resolve(b"etc/ld.so.cache")
             if node is not None and 0 < self.index.size(node) <= _LD_SO_CACHE_BYTES:
-                self._ld_so_cache = elf.ld_so_cache(await self._gather(node, 0, self.index.size(node)))
-        return self._ld_so_cache
+                parsed = elf.ld_so_cache(await self._gather(node, 0, self.index.size(node)))
+        finally:
+            self._ld_so_cache = parsed
+            read.set()
+        return parsed
 
     def _scan(self, node: NodeId, taken: set[int]) -> list[int]:
         """When a second file of one kind is missed in a directory, the first chunk of its other

@@ -185,6 +185,32 @@ def test_a_library_only_ld_so_cache_knows_is_found_through_it(tmp_path: Path) ->
     assert _cached_at(fetcher, "opt/vendor/lib/libcrypto.so.3", 0)
 
 
+def test_walks_that_start_together_all_find_their_libraries_through_ld_so_cache(tmp_path: Path) -> None:
+    # one walk reads /etc/ld.so.cache; another one asking meanwhile must get it too, not nothing
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    if not Path(ldconfig).exists():
+        pytest.skip("needs ldconfig (libc-bin)")
+    tree = tmp_path / "tree"
+    (tree / "opt/vendor/lib").mkdir(parents=True)
+    (tree / "etc").mkdir()
+    shutil.copy(CRYPTO, tree / "opt/vendor/lib/libcrypto.so.3")
+    shutil.copy(ZLIB, tree / "opt/vendor/lib/libz.so.1")
+    (tree / "etc/ld.so.conf").write_text("/opt/vendor/lib\n")
+    subprocess.run([ldconfig, "-r", str(tree)], check=True, capture_output=True)
+    blob = tmp_path / "layer.esgz"
+    _pack(tree, blob)
+    _, fetcher = _fetcher(tmp_path, blob)
+
+    async def main() -> None:
+        fetcher.follow_libraries([b"libcrypto.so.3"], [])  # as two upper layers' walks would
+        fetcher.follow_libraries([b"libz.so.1"], [])
+        await _settled(fetcher)
+
+    trio.run(main)
+    assert _cached_at(fetcher, "opt/vendor/lib/libcrypto.so.3", 0)
+    assert _cached_at(fetcher, "opt/vendor/lib/libz.so.1", 0)
+
+
 def test_the_host_ld_so_cache_parses_as_ldconfig_prints_it() -> None:
     cache = Path("/etc/ld.so.cache")
     if not cache.exists():
