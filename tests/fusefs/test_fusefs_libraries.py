@@ -164,7 +164,9 @@ def test_a_miss_inside_a_library_follows_nothing(tmp_path: Path) -> None:
     assert len(source.calls) == 1  # a page of code: the loader is done with this file
 
 
-def test_a_library_only_ld_so_cache_knows_is_found_through_it(tmp_path: Path) -> None:
+def _vendor_tree(tmp_path: Path, vendor: dict[str, Path], default: dict[str, Path]) -> Path:
+    """A tree with ``vendor`` libraries in /opt/vendor/lib, which only its ld.so.cache (made by
+    the real ``ldconfig``) names, and ``default`` ones in the multiarch directory."""
     ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
     if not Path(ldconfig).exists():
         pytest.skip("needs ldconfig (libc-bin)")
@@ -172,10 +174,17 @@ def test_a_library_only_ld_so_cache_knows_is_found_through_it(tmp_path: Path) ->
     (tree / "opt/vendor/lib").mkdir(parents=True)
     (tree / "etc").mkdir()
     (tree / LIBS).mkdir(parents=True)
-    shutil.copy(SSL, tree / LIBS / "libssl.so.3")
-    shutil.copy(CRYPTO, tree / "opt/vendor/lib/libcrypto.so.3")
+    for name, library in default.items():
+        shutil.copy(library, tree / LIBS / name)
+    for name, library in vendor.items():
+        shutil.copy(library, tree / "opt/vendor/lib" / name)
     (tree / "etc/ld.so.conf").write_text("/opt/vendor/lib\n")
     subprocess.run([ldconfig, "-r", str(tree)], check=True, capture_output=True)
+    return tree
+
+
+def test_a_library_only_ld_so_cache_knows_is_found_through_it(tmp_path: Path) -> None:
+    tree = _vendor_tree(tmp_path, {"libcrypto.so.3": CRYPTO}, {"libssl.so.3": SSL})
     assert elf.ld_so_cache((tree / "etc/ld.so.cache").read_bytes())[b"libcrypto.so.3"] == \
         b"/opt/vendor/lib/libcrypto.so.3"
     blob = tmp_path / "layer.esgz"
@@ -187,16 +196,7 @@ def test_a_library_only_ld_so_cache_knows_is_found_through_it(tmp_path: Path) ->
 
 def test_walks_that_start_together_all_find_their_libraries_through_ld_so_cache(tmp_path: Path) -> None:
     # one walk reads /etc/ld.so.cache; another one asking meanwhile must get it too, not nothing
-    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
-    if not Path(ldconfig).exists():
-        pytest.skip("needs ldconfig (libc-bin)")
-    tree = tmp_path / "tree"
-    (tree / "opt/vendor/lib").mkdir(parents=True)
-    (tree / "etc").mkdir()
-    shutil.copy(CRYPTO, tree / "opt/vendor/lib/libcrypto.so.3")
-    shutil.copy(ZLIB, tree / "opt/vendor/lib/libz.so.1")
-    (tree / "etc/ld.so.conf").write_text("/opt/vendor/lib\n")
-    subprocess.run([ldconfig, "-r", str(tree)], check=True, capture_output=True)
+    tree = _vendor_tree(tmp_path, {"libcrypto.so.3": CRYPTO, "libz.so.1": ZLIB}, {})
     blob = tmp_path / "layer.esgz"
     _pack(tree, blob)
     _, fetcher = _fetcher(tmp_path, blob)
