@@ -5,7 +5,9 @@ Invariants (all state lives on the trio thread; worker threads only decode, hash
 * bytes reach a caller or the cache only after their chunk digest matched;
 * one in-flight fetch per chunk: concurrent readers of a missing chunk wait on its ``_Flight``;
 * each run of blob-adjacent missing chunks is one ``(offset, length)`` range, and the ranges of
-  one read go to the source in one ``read_ranges`` call (bounded by ``FetchConfig``);
+  one read go to the source in one ``stream_ranges`` call (bounded by ``FetchConfig``);
+* a chunk is completed (verified, cached, its waiters woken) as soon as its bytes arrived, not
+  when the whole request has: a fetch holds the chunks being completed, not its body;
 * a chunk that failed keeps failing fast for ``failure_ttl`` seconds, then is tried again;
 * background work waits at the :class:`PriorityGate` while any on-demand fetch is in flight.
 """
@@ -16,7 +18,7 @@ import logging
 import math
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from fusefs.errors import FormatError, IntegrityError, LayerError, SourceError
 from fusefs.imports import Module, ModuleResolver, compiled_names, source_names
 from fusefs.index import ROOT, Chunk, LayerIndex, NodeId
 from fusefs.libraries import LibraryFinder
-from fusefs.sources.base import BlobSource
+from fusefs.sources.base import BlobSource, stream_ranges
 from fusefs.sources.replay import RecordingSource
 from fusefs.writer import CacheWriter
 
@@ -846,47 +848,79 @@ class ChunkFetcher:
             runs = self._runs(sorted(cids, key=lambda c: (chunks[c].blob_offset, c)), chunks)
             first_error: LayerError | None = None
             for batch in self._batches(runs):
-                try:
-                    blobs = await self._read_ranges([(s, e - s) for s, e, _ in batch], background)
-                except SourceError as exc:
-                    self._source_failures += 1
-                    for _, _, members in batch:
-                        for cid in members:
-                            flight = flights.pop(cid)
-                            self._fail(cid, flight, exc)
-                            self._land(cid, flight)
-                    first_error = first_error or exc
-                    continue
-                for (start, _, members), blob in zip(batch, blobs, strict=True):
-                    # a run of several chunks: decode views of it, not copies (bounded memory)
-                    whole: Buffer = blob if len(members) == 1 else memoryview(blob)
-                    if not collect:
-                        error = await self._complete_stored(start, whole, members, chunks, flights)
-                        first_error = first_error or error
-                        del whole
-                        continue
-                    for cid in members:
-                        c = chunks[cid]
-                        flight = flights[cid]
-                        compressed = whole[c.blob_offset - start:c.blob_end - start]
-                        if c.size >= STAGE_BYTES:
-                            error = await self._complete_staged(cid, c, compressed, flight)
-                        else:
-                            error = await self._complete(cid, c, compressed, flight)
-                        del compressed
-                        del flights[cid]
-                        first_error = first_error or error
-                        if collect and flight.data is not None:
-                            result[cid] = flight.data
-                        # each chunk's waiters go on as soon as it is ready, not after the run
-                        self._land(cid, flight)
-                    del whole
+                error = await self._stream_batch(batch, chunks, flights, background,
+                                                 result if collect else None)
+                first_error = first_error or error
             if first_error is not None:
                 raise first_error
             return result
         finally:
             for cid, flight in flights.items():
                 self._land(cid, flight)
+
+    async def _stream_batch(self, batch: list[_Run], chunks: dict[int, Chunk], flights: dict[int, _Flight],
+                            background: bool, collected: dict[int, Held] | None) -> LayerError | None:
+        """Fetch one request's runs, completing each chunk as soon as its bytes are in.
+
+        Each chunk's waiters go on when it has arrived, not when the whole request (up to
+        ``STEP_BYTES`` or ``max_range_bytes``) has, and what is held at once is the chunks
+        being completed and a piece of the body, not the body. ``collected`` takes each
+        chunk's bytes; None: they are stored only (see :meth:`_complete_stored`). Returns the
+        first error; every flight of the batch is landed.
+        """
+        runs = [_Assembly(start, end, members) for start, end, members in batch]
+        first_error: LayerError | None = None
+
+        async def sink(offset: int, data: bytes) -> None:
+            nonlocal first_error
+            for run in runs:
+                ready = run.feed(offset, data, chunks)
+                if ready is None:
+                    continue
+                start, whole, members = ready
+                if collected is None:
+                    error = await self._complete_stored(start, whole, members, chunks, flights)
+                else:
+                    error = await self._complete_collected(start, whole, members, chunks, flights, collected)
+                first_error = first_error or error
+
+        ranges = [(start, end - start) for start, end, _ in batch]
+        try:
+            with self._request(ranges, background):
+                await stream_ranges(self.source, ranges, sink)
+        except SourceError as exc:
+            self._source_failures += 1
+            error: LayerError = exc
+        else:
+            error = SourceError(f"blob {self.layer_digest}: the source ended before all of "
+                                f"{len(ranges)} ranges arrived")
+        for run in runs:
+            for cid in run.pending:
+                flight = flights.pop(cid)
+                self._fail(cid, flight, error)
+                self._land(cid, flight)
+                first_error = first_error or error
+        return first_error
+
+    async def _complete_collected(self, start: int, whole: Buffer, members: list[int],
+                                  chunks: dict[int, Chunk], flights: dict[int, _Flight],
+                                  collected: dict[int, Held]) -> LayerError | None:
+        """Decode, verify and cache chunks a caller wants the bytes of; return the first error."""
+        first_error: LayerError | None = None
+        for cid in members:
+            c = chunks[cid]
+            flight = flights.pop(cid)
+            compressed = whole[c.blob_offset - start:c.blob_end - start]
+            if c.size >= STAGE_BYTES:
+                error = await self._complete_staged(cid, c, compressed, flight)
+            else:
+                error = await self._complete(cid, c, compressed, flight)
+            del compressed
+            first_error = first_error or error
+            if flight.data is not None:
+                collected[cid] = flight.data
+            self._land(cid, flight)
+        return first_error
 
     def _land(self, cid: int, flight: _Flight) -> None:
         """End a flight: its waiters take its bytes, its error, or (neither) fetch again."""
@@ -1010,13 +1044,20 @@ class ChunkFetcher:
         return runs
 
     async def _read_ranges(self, ranges: list[tuple[int, int]], background: bool) -> list[bytes]:
+        with self._request(ranges, background):
+            return await self.source.read_ranges(ranges)
+
+    @contextmanager
+    def _request(self, ranges: list[tuple[int, int]], background: bool) -> Iterator[None]:
+        """Count one request to the source; an on-demand one holds background work back."""
         self._bytes += sum(length for _, length in ranges)
         if background:  # the caller waited at the gate before claiming its chunks
             self._background += 1
-            return await self.source.read_ranges(ranges)
+            yield
+            return
         self._on_demand += 1
         with self._gate.on_demand():
-            return await self.source.read_ranges(ranges)
+            yield
 
     def _hold(self, cid: int, data: ChunkBytes) -> None:
         # The cache did not keep this chunk (full of pinned layers, or a disk error). Keep the
@@ -1034,6 +1075,50 @@ class ChunkFetcher:
         if len(compressed) >= self._config.thread_threshold:
             return await trio.to_thread.run_sync(codecs.decode, chunk, compressed)
         return codecs.decode(chunk, compressed)
+
+
+class _Assembly:
+    """One run's bytes as a streamed read hands them over, and its chunks not yet complete.
+
+    Holds the bytes from the first pending chunk on: those of completed chunks go out with them.
+    """
+
+    def __init__(self, start: int, end: int, members: list[int]) -> None:
+        self.end = end
+        self.pending = deque(members)  # in blob order, as ``_runs`` made them
+        self._buf = bytearray()
+        self._buf_start = start
+
+    def feed(self, offset: int, data: bytes, chunks: dict[int, Chunk]
+             ) -> tuple[int, Buffer, list[int]] | None:
+        """Take a piece; return ``(blob start, bytes, chunk ids)`` of the chunks it completed."""
+        have = self._buf_start + len(self._buf)
+        lo, hi = max(offset, have), min(offset + len(data), self.end)
+        if offset > have or lo >= hi:  # not this run's, already had, or past a gap
+            return None
+        src: bytes | bytearray
+        if self._buf:  # a chunk's head came in an earlier piece: join the two
+            self._buf += memoryview(data)[lo - offset:hi - offset]
+            src, src_start = self._buf, self._buf_start
+        else:  # nothing held: what completes is served from the piece itself, uncopied
+            src, src_start = data, offset
+        ready: list[int] = []
+        while self.pending and chunks[self.pending[0]].blob_end <= hi:
+            ready.append(self.pending.popleft())
+        keep = chunks[self.pending[0]].blob_offset if self.pending else hi
+        if not ready:
+            if src is data:
+                self._buf = bytearray(memoryview(data)[keep - offset:hi - offset])
+                self._buf_start = keep
+            return None
+        first = chunks[ready[0]].blob_offset
+        last = max(chunks[cid].blob_end for cid in ready)
+        # the chunks go out as a view of what holds them, not a copy (a large chunk's bytes
+        # would be held twice); only the head of the next chunk is copied into a new buffer
+        out = memoryview(src)[first - src_start:last - src_start]
+        self._buf = bytearray(memoryview(src)[keep - src_start:hi - src_start])
+        self._buf_start = keep
+        return first, out, ready
 
 
 def _decode_and_store(cache: ChunkCache, layer_digest: str,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeAlias, runtime_checkable
 
 from fusefs.spec import LayerSpec
 
@@ -48,6 +48,36 @@ class BlobSource(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+PieceSink: TypeAlias = Callable[[int, bytes], Awaitable[None]]
+"""Takes ``(blob offset, bytes)`` pieces of a streamed read (see :func:`stream_ranges`)."""
+
+
+@runtime_checkable
+class StreamingSource(BlobSource, Protocol):
+    """A source that can hand over a range's bytes while they are still arriving."""
+
+    async def stream_ranges(self, ranges: Sequence[tuple[int, int]], sink: PieceSink) -> None:
+        """As :func:`stream_ranges`."""
+        ...
+
+
+async def stream_ranges(source: BlobSource, ranges: Sequence[tuple[int, int]], sink: PieceSink) -> None:
+    """Hand the bytes of each ``(offset, length)`` range to ``sink`` as ``(blob offset, bytes)``.
+
+    A :class:`StreamingSource` calls ``sink`` as the bytes arrive, so the caller can use (and
+    drop) the head of a long range before its tail is in. Its pieces come in blob order within
+    one response, may hold bytes outside the ranges (the gaps of coalesced spans) and, after a
+    retry, may repeat bytes already handed over: the sink keeps what it needs, once. Returns
+    when every range was handed over at least once; raises as ``read_ranges`` does, possibly
+    after handing some pieces over. Other sources: one ``read_ranges``, then one piece per range.
+    """
+    if isinstance(source, StreamingSource):
+        await source.stream_ranges(ranges, sink)
+        return
+    for (offset, _), data in zip(ranges, await source.read_ranges(ranges), strict=True):
+        await sink(offset, data)
 
 
 async def read_tail_by_size(source: BlobSource, length: int) -> bytes:

@@ -19,6 +19,7 @@ serialised by a lock so concurrent 401s cause one fetch.
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import io
 import logging
@@ -35,7 +36,7 @@ import trio
 
 from fusefs.errors import AuthError, BlobNotFound, SourceError, TransientSourceError
 from fusefs.sources.auth import Authenticator
-from fusefs.sources.base import read_tail_by_size
+from fusefs.sources.base import PieceSink, read_tail_by_size
 from fusefs.sources.config import RegistryConfig
 from fusefs.sources.credentials import CredentialStore
 from fusefs.sources.hosts import Endpoint, load_endpoints
@@ -60,6 +61,9 @@ log = logging.getLogger(__name__)
 
 # A 200 answer to a ranged request this small is read and sliced; a larger one is abandoned.
 _SMALL_WHOLE_BODY = 1 << 20
+# Where a streamed read (``stream_ranges``) hands its body's pieces: set for the one request's
+# task only, so the retry, redirect and auth layers between need not carry it
+_STREAM_TO: contextvars.ContextVar[PieceSink | None] = contextvars.ContextVar("stream_to", default=None)
 # Room for the part headers and delimiters of a multipart/byteranges body, per part.
 _MULTIPART_OVERHEAD = 1024
 _MAX_URLS = 8
@@ -342,6 +346,28 @@ class RegistrySource:
             result.append(data)
         return result
 
+    async def stream_ranges(self, ranges: Sequence[tuple[int, int]], sink: PieceSink) -> None:
+        """As ``fusefs.sources.base.stream_ranges``: ranges that coalesce into one span are one
+        request whose body goes to ``sink`` as it arrives (retries start the span again); more
+        spans than one are read as ``read_ranges`` reads them and handed over afterwards."""
+        if not ranges:
+            return
+        validate_ranges(ranges, self._size)
+        spans = coalesce(ranges, self._config.coalesce_gap, self._config.max_request_bytes)
+        if len(spans) > 1:
+            for (offset, _), data in zip(ranges, await self.read_ranges(ranges), strict=True):
+                await sink(offset, data)
+            return
+        token = _STREAM_TO.set(sink)
+        try:
+            pieces = await self._fetch(spans)
+        finally:
+            _STREAM_TO.reset(token)
+        self._last_check = trio.current_time()
+        for piece in pieces:  # what came through a path that keeps the body (a whole-blob window)
+            if piece.data:
+                await sink(piece.start, piece.data)
+
     async def _fetch_concurrently(self, batches: list[list[Span]]) -> list[Piece]:
         """Fetch batches in parallel (bounded); the first failure cancels the rest and is raised."""
         results: list[list[Piece]] = [[] for _ in batches]
@@ -597,7 +623,7 @@ class RegistrySource:
                 kind = "short body" if declared < end - start else "oversized body"
                 raise SourceError(f"{where}: {kind}: Content-Length {declared} disagrees with "
                                   f"Content-Range {content_range!r} for {self._digest}")
-            pieces = [Piece(start, await self._read_exact(resp, end - start, where))]
+            pieces = [Piece(start, await self._read_exact(resp, end - start, where, start))]
         for piece in pieces:
             if self._size is not None and piece.end > self._size:
                 raise SourceError(f"{where} returned bytes past the end of {self._digest}")
@@ -610,7 +636,7 @@ class RegistrySource:
             self._check_total(declared, where)
         total = declared if declared is not None else self._size
         if total is not None and total <= _SMALL_WHOLE_BODY:
-            return [Piece(0, await self._read_exact(resp, total, where))]
+            return [Piece(0, await self._read_exact(resp, total, where, 0))]
         if len(spans) > 1:
             raise _RangesIgnored()
         span = spans[0]
@@ -634,20 +660,26 @@ class RegistrySource:
         elif total != self._size:
             raise SourceError(f"{where} says blob {self._digest} has {total} bytes, expected {self._size}")
 
-    async def _read_exact(self, resp: httpx.Response, n: int, where: str) -> bytes:
+    async def _read_exact(self, resp: httpx.Response, n: int, where: str, start: int) -> bytes:
+        """The ``n``-byte body starting at blob offset ``start``; in a streamed read, each piece
+        goes to the sink as it arrives and nothing is kept (returns ``b""``)."""
+        sink = _STREAM_TO.get()
         # one buffer of the announced size (bounded by the caller's range), filled in place and
         # handed out without a copy (see _Body): the body is held once, not twice
-        body = _Body(n)
+        body = _Body(n) if sink is None else None
         got = 0
         async for chunk in resp.aiter_raw():
             if got + len(chunk) > n:
                 raise SourceError(f"{where} sent more than the {n} bytes announced for {self._digest}")
-            body.write(chunk)
+            if body is not None:
+                body.write(chunk)
             got += len(chunk)
-        self._bytes += got
+            self._bytes += len(chunk)
+            if sink is not None:
+                await sink(start + got - len(chunk), chunk)
         if got != n:
             raise SourceError(f"{where} sent {got} of {n} bytes for {self._digest} (short body)")
-        return body.value()
+        return body.value() if body is not None else b""
 
     async def _read_upto(self, resp: httpx.Response, limit: int, where: str) -> bytes:
         body = _Body()

@@ -6,6 +6,7 @@ import hashlib
 import stat
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from fusefs.errors import IntegrityError, SourceError
 from fusefs.fetch import ChunkFetcher, PriorityGate
 from fusefs.formats.estargz import read_estargz
 from fusefs.index import LayerIndex, NodeId
+from fusefs.sources.base import PieceSink
 from fusefs.sources.file import FileSource
 from tests.fusefs import contract
 from tests.fusefs.fixtures import MISS_ONLY, layer_case
@@ -319,3 +321,95 @@ def test_neighbour_window_zero_fetches_only_what_was_asked(tmp_path: Path) -> No
     assert not fetcher.is_cached(index.chunk_ids(second)[0])
     trio.run(fetcher.read, second, 0, 1)
     assert len(source.calls) == 2
+
+
+class StreamingFileSource(FileSource):
+    """A FileSource that hands each range over in pieces, as a registry body arrives.
+
+    ``hold``: the last piece waits for it (a long body still coming). ``restart_after``: after
+    that many bytes of the first range, the range starts again from its head (a retried request,
+    as the registry source does after a body cut short). ``short``: the last piece never comes.
+    """
+
+    def __init__(self, path: Path, digest: str, piece: int = 64 << 10) -> None:
+        super().__init__(path, digest)
+        self.piece = piece
+        self.hold = trio.Event()
+        self.hold.set()
+        self.restart_after: int | None = None
+        self.short = False
+        self.streams = 0
+
+    async def stream_ranges(self, ranges: Sequence[tuple[int, int]], sink: PieceSink) -> None:
+        self.streams += 1
+        for i, (data, (offset, _)) in enumerate(zip(await self.read_ranges(ranges), ranges, strict=True)):
+            last_range = i == len(ranges) - 1
+            pos = 0
+            while pos < len(data):
+                if self.restart_after is not None and i == 0 and pos >= self.restart_after:
+                    self.restart_after, pos = None, 0
+                end = min(pos + self.piece, len(data))
+                if last_range and end == len(data):
+                    if self.short:
+                        return
+                    await self.hold.wait()
+                await sink(offset + pos, data[pos:end])
+                pos = end
+
+
+def _streaming_setup(tmp_path: Path) -> tuple[LayerIndex, StreamingFileSource, ChunkFetcher]:
+    source = StreamingFileSource(CASE.blob, CASE.digest)
+    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    fetcher = ChunkFetcher(CASE.digest, index, source, cache,
+                           FetchConfig(speculate_file_bytes=0, speculate_dir_bytes=0), PriorityGate(0.0))
+    return index, source, fetcher
+
+
+@pytest.mark.parametrize("collect", [False, True], ids=["nobody-waits", "a-reader-leads"])
+def test_a_chunk_is_served_as_soon_as_its_bytes_arrived_not_the_whole_request(tmp_path: Path,
+                                                                              collect: bool) -> None:
+    index, source, fetcher = _streaming_setup(tmp_path)
+    node = _node(index, BIG)
+    ids = index.chunk_ids(node)
+    first: list[bytes] = []
+
+    async def main() -> None:
+        source.hold = trio.Event()
+        async with trio.open_nursery() as nursery:
+            # one request for the whole 6 MiB file, its last piece held back
+            nursery.start_soon(partial(fetcher.ensure, ids, collect=collect))
+            await trio.testing.wait_all_tasks_blocked()
+            assert source.streams == 1
+            first.append(await fetcher.read(node, 0, 4096))  # joins the flight of chunk 0
+            assert not source.hold.is_set() and source.streams == 1
+            assert fetcher.is_cached(ids[0]) and not fetcher.is_cached(ids[-1])
+            source.hold.set()
+
+    trio.run(main)
+    assert all(fetcher.is_cached(c) for c in ids)
+    data = trio.run(fetcher.read, node, 0, index.attr(node).size)
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == _expected(BIG)
+    assert first == [data[:4096]]
+
+
+def test_bytes_handed_over_again_by_a_retry_are_taken_once(tmp_path: Path) -> None:
+    index, source, fetcher = _streaming_setup(tmp_path)
+    node = _node(index, BIG)
+    source.restart_after = (5 << 20) // 2  # mid-chunk: some chunks done, one half assembled
+    data = trio.run(fetcher.read, node, 0, index.attr(node).size)
+    assert source.restart_after is None  # the restart happened
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == _expected(BIG)
+    assert source.streams == 1
+
+
+def test_chunks_a_stream_never_brought_fail_their_waiters(tmp_path: Path) -> None:
+    index, source, fetcher = _streaming_setup(tmp_path)
+    node = _node(index, BIG)
+    ids = index.chunk_ids(node)
+    source.short = True
+    with pytest.raises(SourceError, match="ended before"):
+        trio.run(fetcher.read, node, index.attr(node).size - 10, 10)
+    source.short = False
+    assert not fetcher.is_cached(ids[-1])
+    assert len(trio.run(partial(fetcher.read, node, 0, 10))) == 10
