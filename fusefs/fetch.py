@@ -641,6 +641,10 @@ class ChunkFetcher:
         """Fetch ``cids`` into the cache for nobody in particular (a system task's body)."""
         await self._guarded(what, partial(self.ensure, cids, collect=False))
 
+    def chunks_in_blob_order(self) -> array[int]:
+        """Every chunk id of the layer, in blob order (one shared array, built once)."""
+        return self._blob_order()[0]
+
     def _blob_order(self) -> tuple[array[int], array[int]]:
         """Chunk ids sorted by blob offset, and each chunk's position in that order (built once:
         chunk ids follow the TOC, which an optimized image reorders)."""
