@@ -335,7 +335,7 @@ class ChunkFetcher:
         with ``speculate_dir_bytes``, a small file's small siblings). What is chosen goes out in
         requests of its own, alongside the miss and not waited for: a round trip each that the
         reader then saves. Bounded by the ``speculate_*`` settings; each file and directory is
-        speculated on once.
+        speculated on once. A file of the layer's prefetch prefix starts no scan and no walk.
         """
         config = self._config
         if node in self._speculated:
@@ -363,17 +363,26 @@ class ChunkFetcher:
                     if cids and size <= budget:
                         todo += cids
                         budget -= size
-        if config.speculate_scan_bytes > 0:
+        # a file of the layer's prefetch prefix was read as its producer recorded the workload:
+        # what it imports or links is in the prefix too (and coming) or likely never read
+        profiled = self._in_prefetch_prefix(node)
+        if config.speculate_scan_bytes > 0 and not profiled:
             todo += self._scan(node, taken | set(todo))
         if todo:
             trio.lowlevel.spawn_system_task(self._fetch_speculatively, todo)
-        if node not in self._followed:
+        if node not in self._followed and not profiled:
             # only a module's name can make it one: no task for any other file
             if config.speculate_import_bytes > 0 and self._name(node).endswith((b".py", b".pyc")):
                 self._spawn("an import walk", partial(self._follow_imports, node))
             head = index.chunk_ids(node)[:1]
             if config.speculate_library_bytes > 0 and head and head[0] in taken:
                 self._spawn("a library walk", partial(self._follow_libraries, node))
+
+    def _in_prefetch_prefix(self, node: NodeId) -> bool:
+        """Whether ``node`` starts in the blob before the ``.prefetch.landmark``."""
+        end = self.index.prefetch_end
+        head = self.index.chunk_ids(node)[:1]
+        return end is not None and bool(head) and self.index.chunk_blob_range(head[0])[0] < end
 
     def _spawn(self, what: str, job: Callable[[], Awaitable[object]]) -> None:
         """Run ``job`` as a system task nobody waits on (see :meth:`_guarded`)."""

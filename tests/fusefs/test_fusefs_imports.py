@@ -72,10 +72,12 @@ def _pyc(path: str) -> str:
     return f"{directory}/__pycache__/{name[:-3]}.{TAG}.pyc"
 
 
-def _layer(tmp_path: Path, *, compiled: bool, only: str = "", padding: int = 0) -> Path:
+def _layer(tmp_path: Path, *, compiled: bool, only: str = "", padding: int = 0,
+           prioritized: tuple[str, ...] = ()) -> Path:
     """The tree (the part under ``only``) as an eStargz blob: sources and, with ``compiled``,
     their ``.pyc`` files; ``padding`` random bytes at the end keep the modules out of the blob's
-    tail (which a mount reads, and caches)."""
+    tail (which a mount reads, and caches); ``prioritized`` files go first, before a
+    ``.prefetch.landmark`` (an optimized image's prefetch prefix)."""
     tree = tmp_path / "tree"
     files: dict[str, bytes] = {}
     for path, text in SOURCES.items():
@@ -109,7 +111,7 @@ def _layer(tmp_path: Path, *, compiled: bool, only: str = "", padding: int = 0) 
     raw.seek(0)
     blob = tmp_path / "layer.esgz"
     with blob.open("wb") as out:
-        convert(raw, out)
+        convert(raw, out, prioritized=prioritized)
     return blob
 
 
@@ -181,6 +183,27 @@ def test_a_first_miss_on_a_module_fetches_what_it_imports_and_theirs(tmp_path: P
     else:  # a source module has no cache tag to tell which standard library
         assert not _cached(fetcher, name(f"{STDLIB}/json/__init__.py"))
     assert len(source.calls) <= 5  # the miss, then one request per level of the import tree
+
+
+def test_a_module_of_the_prefetch_prefix_starts_no_walk_and_one_past_it_does(tmp_path: Path) -> None:
+    """An optimized image's prefix holds what its workload reads, and the mount prefetches it:
+    walking from a module there fetches only what the prefix brings anyway or nobody reads."""
+    start = _pyc(f"{SITE}/app/__init__.py")
+    _, fetcher = _fetcher(tmp_path, _layer(tmp_path, compiled=True, prioritized=(start,)), IMPORTS)
+    assert fetcher.index.prefetch_end
+
+    async def main() -> None:
+        await fetcher.read(_node(fetcher.index, start), 0, 1 << 20)
+        await _settled(fetcher)
+        for path in (f"{SITE}/app/core.py", f"{SITE}/app/sub/tools.py", f"{SITE}/app/sub/deep.py"):
+            assert not _cached(fetcher, _pyc(path)), path
+        # the workload left the profile: a module past the prefix is walked from as usual
+        await fetcher.read(_node(fetcher.index, _pyc(f"{SITE}/app/core.py")), 0, 1 << 20)
+        await _settled(fetcher)
+        assert _cached(fetcher, _pyc(f"{SITE}/app/sub/deep.py"))
+        assert _cached(fetcher, _pyc(f"{STDLIB}/struct.py"))
+
+    trio.run(main)
 
 
 def test_the_standard_library_resolves_from_its_root_and_lib_dynload(tmp_path: Path) -> None:
