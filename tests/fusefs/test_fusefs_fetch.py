@@ -413,3 +413,44 @@ def test_chunks_a_stream_never_brought_fail_their_waiters(tmp_path: Path) -> Non
     source.short = False
     assert not fetcher.is_cached(ids[-1])
     assert len(trio.run(partial(fetcher.read, node, 0, 10))) == 10
+
+
+class ReadRecordingCache(ChunkCache):
+    """A ChunkCache that records the length of every read (None: the whole chunk)."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        super().__init__(config)
+        self.lengths: list[int | None] = []
+
+    def read(self, layer_digest: str, key: str, offset: int = 0, length: int | None = None) -> bytes | None:
+        self.lengths.append(length)
+        return super().read(layer_digest, key, offset, length)
+
+
+def test_a_reader_whose_chunk_a_prefetch_cached_reads_its_part_not_the_chunk(tmp_path: Path) -> None:
+    """A reader that joined a prefetch's flight finds the chunk in the cache when it lands, and
+    reads the bytes it asked for from there: not the whole (here 1 MiB) chunk into memory."""
+    source = StreamingFileSource(CASE.blob, CASE.digest)
+    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
+    cache = ReadRecordingCache(CacheConfig(tmp_path / "cache", fsync=False))
+    fetcher = ChunkFetcher(CASE.digest, index, source, cache,
+                           FetchConfig(speculate_file_bytes=0, speculate_dir_bytes=0), PriorityGate(0.0))
+    node = _node(index, BIG)
+    ids = index.chunk_ids(node)
+    got: list[bytes] = []
+
+    async def main() -> None:
+        source.hold = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(fetcher.ensure, ids, collect=False))  # as the prefetch does
+            await trio.testing.wait_all_tasks_blocked()
+            cache.lengths.clear()
+            got.append(await fetcher.read(node, 100, 4096))  # joins the flight of the first chunk
+            source.hold.set()
+
+    trio.run(main)
+    assert len(got[0]) == 4096
+    assert cache.lengths and None not in cache.lengths  # ranged reads only (4 KiB, and 64 KiB
+    # of the library walk's look at the file's head)
+    data = trio.run(fetcher.read, node, 0, index.attr(node).size)
+    assert got[0] == data[100:4196]
