@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -357,13 +357,38 @@ class StreamingFileSource(FileSource):
                 pos = end
 
 
-def _streaming_setup(tmp_path: Path) -> tuple[LayerIndex, StreamingFileSource, ChunkFetcher]:
+def _streaming_setup(tmp_path: Path, cache: ChunkCache | None = None
+                     ) -> tuple[LayerIndex, StreamingFileSource, ChunkFetcher]:
     source = StreamingFileSource(CASE.blob, CASE.digest)
     index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
-    cache = ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
+    cache = cache or ChunkCache(CacheConfig(tmp_path / "cache", fsync=False))
     fetcher = ChunkFetcher(CASE.digest, index, source, cache,
                            FetchConfig(speculate_file_bytes=0, speculate_dir_bytes=0), PriorityGate(0.0))
     return index, source, fetcher
+
+
+def _join_a_held_fetch(fetcher: ChunkFetcher, source: StreamingFileSource, node: NodeId, *, collect: bool,
+                       offset: int, before: Callable[[], None] = lambda: None,
+                       check: Callable[[], None] = lambda: None) -> bytes:
+    """Start one streamed fetch of all of ``node`` with its last piece held back, read 4 KiB at
+    ``offset`` (joining that fetch's flight; ``before`` runs first), run ``check`` while the
+    piece is still held, then let it come; return what the read got."""
+    got: list[bytes] = []
+
+    async def main() -> None:
+        source.hold = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(fetcher.ensure, fetcher.index.chunk_ids(node), collect=collect))
+            await trio.testing.wait_all_tasks_blocked()
+            assert source.streams == 1
+            before()
+            got.append(await fetcher.read(node, offset, 4096))
+            assert not source.hold.is_set() and source.streams == 1
+            check()
+            source.hold.set()
+
+    trio.run(main)
+    return got[0]
 
 
 @pytest.mark.parametrize("collect", [False, True], ids=["nobody-waits", "a-reader-leads"])
@@ -372,25 +397,16 @@ def test_a_chunk_is_served_as_soon_as_its_bytes_arrived_not_the_whole_request(tm
     index, source, fetcher = _streaming_setup(tmp_path)
     node = _node(index, BIG)
     ids = index.chunk_ids(node)
-    first: list[bytes] = []
 
-    async def main() -> None:
-        source.hold = trio.Event()
-        async with trio.open_nursery() as nursery:
-            # one request for the whole 6 MiB file, its last piece held back
-            nursery.start_soon(partial(fetcher.ensure, ids, collect=collect))
-            await trio.testing.wait_all_tasks_blocked()
-            assert source.streams == 1
-            first.append(await fetcher.read(node, 0, 4096))  # joins the flight of chunk 0
-            assert not source.hold.is_set() and source.streams == 1
-            assert fetcher.is_cached(ids[0]) and not fetcher.is_cached(ids[-1])
-            source.hold.set()
+    def first_chunk_only() -> None:
+        assert fetcher.is_cached(ids[0]) and not fetcher.is_cached(ids[-1])
 
-    trio.run(main)
+    # one request for the whole 6 MiB file; the read joins the flight of its first chunk
+    first = _join_a_held_fetch(fetcher, source, node, collect=collect, offset=0, check=first_chunk_only)
     assert all(fetcher.is_cached(c) for c in ids)
     data = trio.run(fetcher.read, node, 0, index.attr(node).size)
     assert "sha256:" + hashlib.sha256(data).hexdigest() == _expected(BIG)
-    assert first == [data[:4096]]
+    assert first == data[:4096]
 
 
 def test_bytes_handed_over_again_by_a_retry_are_taken_once(tmp_path: Path) -> None:
@@ -430,27 +446,13 @@ class ReadRecordingCache(ChunkCache):
 def test_a_reader_whose_chunk_a_prefetch_cached_reads_its_part_not_the_chunk(tmp_path: Path) -> None:
     """A reader that joined a prefetch's flight finds the chunk in the cache when it lands, and
     reads the bytes it asked for from there: not the whole (here 1 MiB) chunk into memory."""
-    source = StreamingFileSource(CASE.blob, CASE.digest)
-    index = trio.run(read_estargz, FileSource(CASE.blob, CASE.digest)).verify(CASE.toc_digest)
     cache = ReadRecordingCache(CacheConfig(tmp_path / "cache", fsync=False))
-    fetcher = ChunkFetcher(CASE.digest, index, source, cache,
-                           FetchConfig(speculate_file_bytes=0, speculate_dir_bytes=0), PriorityGate(0.0))
+    index, source, fetcher = _streaming_setup(tmp_path, cache)
     node = _node(index, BIG)
-    ids = index.chunk_ids(node)
-    got: list[bytes] = []
-
-    async def main() -> None:
-        source.hold = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(fetcher.ensure, ids, collect=False))  # as the prefetch does
-            await trio.testing.wait_all_tasks_blocked()
-            cache.lengths.clear()
-            got.append(await fetcher.read(node, 100, 4096))  # joins the flight of the first chunk
-            source.hold.set()
-
-    trio.run(main)
-    assert len(got[0]) == 4096
+    # collect=False, as the prefetch fetches
+    got = _join_a_held_fetch(fetcher, source, node, collect=False, offset=100, before=cache.lengths.clear)
+    assert len(got) == 4096
     assert cache.lengths and None not in cache.lengths  # ranged reads only (4 KiB, and 64 KiB
     # of the library walk's look at the file's head)
     data = trio.run(fetcher.read, node, 0, index.attr(node).size)
-    assert got[0] == data[100:4196]
+    assert got == data[100:4196]
