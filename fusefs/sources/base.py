@@ -75,7 +75,12 @@ async def stream_ranges(source: BlobSource, ranges: Sequence[tuple[int, int]], s
     """
     if isinstance(source, StreamingSource):
         await source.stream_ranges(ranges, sink)
-        return
+    else:
+        await hand_over_whole(source, ranges, sink)
+
+
+async def hand_over_whole(source: BlobSource, ranges: Sequence[tuple[int, int]], sink: PieceSink) -> None:
+    """``read_ranges``, then each range to ``sink`` in one piece: a stream that cannot stream."""
     for (offset, _), data in zip(ranges, await source.read_ranges(ranges), strict=True):
         await sink(offset, data)
 

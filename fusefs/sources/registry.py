@@ -36,7 +36,7 @@ import trio
 
 from fusefs.errors import AuthError, BlobNotFound, SourceError, TransientSourceError
 from fusefs.sources.auth import Authenticator
-from fusefs.sources.base import PieceSink, read_tail_by_size
+from fusefs.sources.base import PieceSink, hand_over_whole, read_tail_by_size
 from fusefs.sources.config import RegistryConfig
 from fusefs.sources.credentials import CredentialStore
 from fusefs.sources.hosts import Endpoint, load_endpoints
@@ -355,8 +355,7 @@ class RegistrySource:
         validate_ranges(ranges, self._size)
         spans = coalesce(ranges, self._config.coalesce_gap, self._config.max_request_bytes)
         if len(spans) > 1:
-            for (offset, _), data in zip(ranges, await self.read_ranges(ranges), strict=True):
-                await sink(offset, data)
+            await hand_over_whole(self, ranges, sink)
             return
         token = _STREAM_TO.set(sink)
         try:
