@@ -806,7 +806,7 @@ class ChunkFetcher:
                 held = self._held(cid)
                 if held is not None:
                     result[cid] = held
-                elif not self._cache.contains(self.layer_digest, self.index.chunk_key(cid)):
+                elif not self.is_cached(cid):
                     mine.append(cid)
                 # else on disk: the caller reads the part it needs from there
             pending = []

@@ -14,6 +14,7 @@ logged and stop the pass: background fetching is an optimisation, reads still fe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import trio
 
@@ -24,16 +25,16 @@ from fusefs.fetch import ChunkFetcher
 log = logging.getLogger(__name__)
 
 
-def _uncached_in_blob_order(fetcher: ChunkFetcher, below: int) -> list[int]:
+def _uncached_in_blob_order(fetcher: ChunkFetcher, below: int | None) -> Iterator[int]:
+    """The chunks not cached yet, in blob order, up to blob offset ``below`` (None: all), each
+    looked at when the caller gets there: nothing is held for the chunks still to come (30k
+    chunks: ~1 MiB of Python ints while the background pass waits out the on-demand reads)."""
     index = fetcher.index
-    out = []
     for cid in fetcher.chunks_in_blob_order():
-        start, _ = index.chunk_blob_range(cid)
-        if start >= below:
-            break
+        if below is not None and index.chunk_blob_range(cid)[0] >= below:
+            return
         if not fetcher.is_cached(cid):
-            out.append(cid)
-    return out
+            yield cid
 
 
 async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int | None) -> None:
@@ -53,7 +54,7 @@ async def run(fetcher: ChunkFetcher, config: PrefetchConfig, prefetch_size: int 
         if adopted:
             log.info("layer %s: %d chunks taken from the index reads", fetcher.layer_digest, adopted)
         if config.prefetch and boundary:
-            cids = _uncached_in_blob_order(fetcher, boundary)
+            cids = list(_uncached_in_blob_order(fetcher, boundary))
             if cids:
                 await fetcher.ensure(cids, collect=False)
                 log.info("layer %s: prefetched %d chunks below blob offset %d",
@@ -82,11 +83,7 @@ async def _background_pass(fetcher: ChunkFetcher, config: PrefetchConfig) -> Non
     step: list[int] = []
     step_bytes = 0
     done = 0
-    # the fetcher's shared order, looked at as the pass gets there: no list of every chunk held
-    # while the pass waits out the on-demand reads (30k chunks: ~1 MiB of Python ints)
-    for cid in fetcher.chunks_in_blob_order():
-        if fetcher.is_cached(cid):
-            continue
+    for cid in _uncached_in_blob_order(fetcher, None):
         start, end = index.chunk_blob_range(cid)
         step.append(cid)
         step_bytes += end - start
