@@ -1,0 +1,220 @@
+"""``snapshotter.rpc``: the daemon's gRPC server, driven by a real gRPC client (grpcio).
+
+The server runs in its own trio loop in a thread, on a unix socket; each test talks to it as
+containerd would. containerd's own client (Go) is covered by the conformance suite and the
+end-to-end tests, which go through the daemon.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import trio
+
+from snapshotter import rpc
+
+
+@dataclass
+class Running:
+    """A server serving in a background trio loop."""
+
+    address: str
+    server: rpc.Server
+    token: trio.lowlevel.TrioToken
+    observed: list[tuple[str, rpc.StatusCode]] = field(default_factory=list)
+
+    def call(self, method: str, payload: bytes = b"", timeout: float = 30.0) -> bytes:
+        with grpc.insecure_channel("unix:" + self.address) as channel:
+            answer: bytes = channel.unary_unary(method)(payload, timeout=timeout)
+            return answer
+
+    def stream(self, method: str, payload: bytes = b"") -> list[bytes]:
+        # HTTP/2's initial 64 KiB window, not grown by probing: the server must wait for the
+        # client's window updates as it reads
+        options = [("grpc.http2.lookahead_bytes", 65535), ("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel("unix:" + self.address, options=options) as channel:
+            return list(channel.unary_stream(method)(payload, timeout=30))
+
+    def close(self, grace: float) -> None:
+        trio.from_thread.run(self.server.aclose, grace, trio_token=self.token)
+
+
+def _code(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str]:
+    err: Any = excinfo.value
+    return err.code(), err.details()
+
+
+class Handlers:
+    def __init__(self) -> None:
+        self.active = 0
+        self.most_active = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def echo(self, request: bytes, context: rpc.Context) -> bytes:
+        return b"echo:" + request
+
+    def fail(self, request: bytes, context: rpc.Context) -> bytes:
+        context.abort(rpc.StatusCode.NOT_FOUND, request.decode())
+
+    def crash(self, request: bytes, context: rpc.Context) -> bytes:
+        raise RuntimeError("a bug")
+
+    def chunks(self, request: bytes, context: rpc.Context) -> Iterator[bytes]:
+        count, size = (int(x) for x in request.decode().split("x"))
+        return iter([bytes([i % 251]) * size for i in range(count)])
+
+    def slow(self, request: bytes, context: rpc.Context) -> bytes:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            self.release.wait(float(request.decode() or 30))
+            return b"done"
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.fixture
+def handlers() -> Handlers:
+    return Handlers()
+
+
+@pytest.fixture
+def running(tmp_path: Path, handlers: Handlers) -> Iterator[Running]:
+    methods = {
+        f"/test.Svc/{name}": rpc.Method(name, bytes, getattr(handlers, name.lower()),
+                                        streaming=name == "Chunks", encode=bytes)
+        for name in ("Echo", "Fail", "Crash", "Chunks", "Slow")
+    }
+    address = str(tmp_path / "rpc.sock")
+    observed: list[tuple[str, rpc.StatusCode]] = []
+    server = rpc.Server(methods, max_message_bytes=1 << 20, max_workers=2,
+                        observe=lambda name, code, seconds: observed.append((name, code)))
+    started = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(address)
+        sock.listen(16)
+        box["token"] = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, trio.SocketListener(sock))
+            started.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    run = Running(address, server, box["token"], observed)
+    yield run
+    handlers.release.set()
+    if thread.is_alive():  # the shutdown test closed it already
+        run.close(grace=5)
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_a_unary_call(running: Running) -> None:
+    assert running.call("/test.Svc/Echo", b"hi") == b"echo:hi"
+    assert running.call("/test.Svc/Echo", b"") == b"echo:"
+
+
+def test_an_abort_is_the_client_s_status_with_its_message(running: Running) -> None:
+    message = "no snapshot \u201ck\u201d: 100% gone, not %41\nsecond line"
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.call("/test.Svc/Fail", message.encode())
+    assert _code(excinfo) == (grpc.StatusCode.NOT_FOUND, message)
+
+
+def test_a_handler_bug_is_unknown_and_the_server_serves_on(running: Running) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.call("/test.Svc/Crash")
+    assert _code(excinfo) == (grpc.StatusCode.UNKNOWN, "RuntimeError: a bug")
+    assert running.call("/test.Svc/Echo", b"again") == b"echo:again"
+
+
+def test_an_unknown_method_is_unimplemented(running: Running) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.call("/test.Svc/Nope")
+    assert _code(excinfo)[0] == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_stream_larger_than_the_flow_control_windows(running: Running) -> None:
+    # 40 messages of 200 KB: 8 MB, far over HTTP/2's initial 64 KiB windows
+    messages = running.stream("/test.Svc/Chunks", b"40x200000")
+    assert [len(m) for m in messages] == [200000] * 40
+    assert all(m == bytes([i % 251]) * 200000 for i, m in enumerate(messages))
+    assert running.stream("/test.Svc/Chunks", b"0x1") == []
+
+
+def test_messages_over_the_limit_are_refused_and_the_server_serves_on(running: Running) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.call("/test.Svc/Echo", bytes(2 << 20))
+    assert _code(excinfo)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.stream("/test.Svc/Chunks", b"1x2000000")  # a response over the limit
+    assert _code(excinfo)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert running.call("/test.Svc/Echo", bytes(1000)) == b"echo:" + bytes(1000)
+
+
+def test_calls_run_in_at_most_max_workers_threads(running: Running, handlers: Handlers) -> None:
+    threads = [threading.Thread(target=running.call, args=("/test.Svc/Slow", b"0.3")) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert handlers.most_active == 2
+
+
+def test_a_client_gone_mid_call_leaves_the_server_serving(running: Running, handlers: Handlers) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.call("/test.Svc/Slow", b"2", timeout=0.3)
+    assert _code(excinfo)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # not HTTP/2 at all
+        raw.connect(running.address)
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+        raw.settimeout(10)
+        while raw.recv(4096):
+            pass  # the server closes the connection
+    assert running.call("/test.Svc/Echo", b"ok") == b"echo:ok"
+
+
+def test_shutdown_answers_the_calls_in_flight_and_refuses_new_ones(running: Running,
+                                                                   handlers: Handlers) -> None:
+    results: list[bytes | BaseException] = []
+    with grpc.insecure_channel("unix:" + running.address) as channel:
+        channel.unary_unary("/test.Svc/Echo")(b"", timeout=10)  # connected
+        slow = threading.Thread(target=lambda: results.append(
+            channel.unary_unary("/test.Svc/Slow")(b"1", timeout=30)))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while handlers.active == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        closing = threading.Thread(target=running.close, args=(10,))
+        closing.start()
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as excinfo:
+            channel.unary_unary("/test.Svc/Echo")(b"late", timeout=10)
+        assert _code(excinfo)[0] == grpc.StatusCode.UNAVAILABLE
+        slow.join(30)
+        closing.join(30)
+    assert results == [b"done"]
+
+
+def test_every_call_is_observed_with_its_status(running: Running) -> None:
+    running.call("/test.Svc/Echo")
+    with pytest.raises(grpc.RpcError):
+        running.call("/test.Svc/Fail", b"x")
+    with pytest.raises(grpc.RpcError):
+        running.call("/test.Svc/Nope")  # no method: nothing to observe
+    assert running.observed == [("Echo", rpc.StatusCode.OK), ("Fail", rpc.StatusCode.NOT_FOUND)]
