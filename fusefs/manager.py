@@ -13,7 +13,7 @@ API (satisfies the snapshotter's ``LayerFilesystem`` Protocol structurally)::
     manager.served_layers()                                 # per-layer view (snapctl, metrics)
     await manager.warm(digest)                              # fetch a served layer fully
 
-All methods run on the trio thread that called ``create`` (gRPC threads use
+All methods run on the trio thread that called ``create`` (the gRPC calls' worker threads use
 ``trio.from_thread.run``). ``create`` mounts the one pyfuse3 session of the process at
 ``config.fuse.mountpoint`` and serves it in ``nursery``; each mounted layer is a top-level
 directory there (``<digest hex[:16]>``), which ``mount`` bind-mounts onto ``mountpoint``.

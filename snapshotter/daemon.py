@@ -2,9 +2,10 @@
 
     lazysnapd --root DIR --address SOCKET [--config FILE] [--log-level L]
 
-Threading: trio runs the main thread from the start. grpcio serves the Snapshots API from its own
-thread pool; servicer methods block in those threads (sqlite, directory walks, mount syscalls) and
-reach the trio loop with ``trio.from_thread.run`` only for layer-filesystem calls. Components that
+Threading: trio runs the main thread from the start, and the gRPC server (:mod:`snapshotter.rpc`)
+on it; each call's servicer method runs in a worker thread and blocks there (sqlite, directory
+walks, mount syscalls), reaching the trio loop with ``trio.from_thread.run`` only for
+layer-filesystem calls. Components that
 live on the loop (the fusefs FUSE session) are entered as async context managers on one exit stack
 inside the daemon's nursery, so they stop in reverse order after the gRPC server has stopped.
 
@@ -25,12 +26,10 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import trio
 
 from fusefs import config as fusefs_config_mod
@@ -39,8 +38,8 @@ from fusefs.manager import LayerManager, open_layer_manager
 from fusefs.sources.config import RegistryConfig as SourceRegistryConfig
 from fusefs.sources.registry import RegistrySourceFactory
 from snapshotter import config as config_mod
-from snapshotter import control_http, logs, systemd
-from snapshotter.api import snapshots_pb2_grpc
+from snapshotter import control_http, logs, rpc, systemd
+from snapshotter.api import snapshots_pb2
 from snapshotter.config import Config
 from snapshotter.control import DaemonInfo, control_address, open_control_server
 from snapshotter.errors import ConfigError
@@ -163,32 +162,16 @@ def lock_root(root: str) -> int:
     return fd
 
 
-def _start_grpc(cfg: Config, service: SnapshotsService, listener: socket.socket | None,
-                metrics: Metrics) -> tuple[grpc.Server, systemd.GrpcEndpoint]:
-    limit = cfg.grpc.max_message_bytes
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="grpc"),
-        interceptors=[metrics.interceptor()],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-    )
-    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    if listener is not None:  # socket-activated: systemd owns the socket, its path and mode
-        endpoint = systemd.bind_grpc_server(server, cfg.address, listener=listener)
-    else:
-        # The socket appears when bound: create it without group/other access, then open it to the group.
-        old_umask = os.umask(0o177)
-        try:
-            server.add_insecure_port(f"unix:{cfg.address}")
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {cfg.address}: {exc}") from exc
-        finally:
-            os.umask(old_umask)
-        os.chmod(cfg.address, 0o660)
-        if os.geteuid() == 0:
-            os.chown(cfg.address, 0, 0)
-        endpoint = systemd.GrpcEndpoint(cfg.address)
-    server.start()
-    return server, endpoint
+def _grpc_listener(cfg: Config, activated: socket.socket | None) -> trio.SocketListener:
+    """Where the gRPC server accepts: systemd's socket as it is, or ``cfg.address`` bound here
+    (mode 0660, root's group; ``check_socket_free`` has cleared the path)."""
+    try:
+        sock = systemd.listen_unix(cfg.address, listener=activated)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {cfg.address}: {exc}") from exc
+    if activated is None and os.geteuid() == 0:
+        os.chown(cfg.address, 0, 0)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 async def _feed_watchdog(interval: float) -> None:
@@ -235,20 +218,24 @@ async def run(cfg: Config, stop: trio.Event, layerfs_factory: LayerFilesystemFac
                                           trio.lowlevel.current_trio_token())
             await snaps.restore_remote()
         metrics_address = await _open_operator_servers(stack, cfg, config_path, metrics, manager, store)
-        server, endpoint = await trio.to_thread.run_sync(_start_grpc, cfg, SnapshotsService(snaps), listener,
-                                                         metrics)
+        methods = rpc.service_methods(snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"],
+                                      SnapshotsService(snaps))
+        server = rpc.Server(methods, max_message_bytes=cfg.grpc.max_message_bytes,
+                            max_workers=cfg.grpc.max_workers, observe=metrics.observe_rpc)
+        grpc_listener = _grpc_listener(cfg, listener)
+        serving = await stack.enter_async_context(trio.open_nursery())
+        await serving.start(server.serve, grpc_listener)
 
-        def stop_grpc() -> None:
-            server.stop(cfg.grpc.shutdown_grace).wait()
-            endpoint.close()
-            if not endpoint.activated:  # a socket systemd holds is never unlinked
+        async def stop_grpc() -> None:
+            await server.aclose(cfg.grpc.shutdown_grace)
+            if listener is None:  # a socket systemd holds is never unlinked
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.address)
 
-        stack.push_async_callback(trio.to_thread.run_sync, stop_grpc)
+        stack.push_async_callback(stop_grpc)
         log.info("serving", extra={"address": cfg.address, "root": root, "metrics": metrics_address,
                                    "index_off": overlay.index_off,
-                                   "userxattr": overlay.userxattr, "activated": endpoint.activated,
+                                   "userxattr": overlay.userxattr, "activated": listener is not None,
                                    "pid": os.getpid()})
         systemd.notify_ready(f"serving on {cfg.address}")
         task_status.started()

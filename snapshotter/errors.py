@@ -15,7 +15,7 @@ of the contract; the message is for humans. Anything else raised in a servicer b
 
 from __future__ import annotations
 
-import grpc
+from snapshotter.rpc import StatusCode
 
 
 class SnapshotError(Exception):
@@ -50,16 +50,16 @@ class LabelError(ValueError):
     """Snapshot labels are present but malformed; the layer then takes the normal unpack path."""
 
 
-STATUS_CODES: dict[type[SnapshotError], grpc.StatusCode] = {
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
+STATUS_CODES: dict[type[SnapshotError], StatusCode] = {
+    NotFound: StatusCode.NOT_FOUND,
+    AlreadyExists: StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: StatusCode.FAILED_PRECONDITION,
+    InvalidArgument: StatusCode.INVALID_ARGUMENT,
+    Unavailable: StatusCode.UNAVAILABLE,
 }
 
 
-def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
+def status_code_for(exc: BaseException) -> StatusCode | None:
     """The gRPC code for a snapshotter error, or ``None`` when the error is unexpected."""
     for cls in type(exc).__mro__:
         code = STATUS_CODES.get(cls)

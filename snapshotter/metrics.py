@@ -2,7 +2,7 @@
 
 Three kinds of sources feed one :class:`Metrics` registry:
 
-* events measured where they happen: gRPC calls (a server interceptor, any grpc thread) and
+* events measured where they happen: gRPC calls (the server's observer, on the trio thread) and
   layer mounts (:class:`TimedLayerFilesystem`, trio thread);
 * counters fusefs keeps (``LayerManager.statistics()``, FUSE operation counts, registry request
   outcomes), read at scrape time by a collector on the trio thread — the endpoint is served
@@ -19,11 +19,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-import grpc
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,6 +35,7 @@ from fusefs.spec import LayerSpec
 from snapshotter import control_http
 from snapshotter.control_http import Request, Response, error_response
 from snapshotter.remote import LayerFilesystem
+from snapshotter.rpc import StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -72,71 +71,14 @@ class Metrics:
         """Collect fusefs's counters from ``manager`` at every scrape (trio thread)."""
         self.registry.register(_FusefsCollector(manager))
 
-    def interceptor(self) -> grpc.ServerInterceptor[Any, Any]:
-        """A gRPC server interceptor that counts and times every call."""
-        return _GrpcInterceptor(self)
+    def observe_rpc(self, method: str, code: StatusCode, seconds: float) -> None:
+        """Count and time one finished gRPC call (the server's observer, trio thread)."""
+        self.grpc_requests.labels(method, code.name).inc()
+        self.grpc_seconds.labels(method).observe(seconds)
 
     def render(self) -> bytes:
         """The exposition text of every metric."""
         return generate_latest(self.registry)
-
-
-def _code_name(context: grpc.ServicerContext) -> str | None:
-    code = context.code()  # type: ignore[attr-defined]
-    if code is None:
-        return None
-    return str(code.name) if isinstance(code, grpc.StatusCode) else str(code)
-
-
-class _GrpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
-                          details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = str(details.method).rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
-        return handler  # the Snapshots API has no client-streaming methods
-
-    def _observe(self, method: str, context: grpc.ServicerContext, start: float, failed: bool) -> None:
-        code = _code_name(context) or ("UNKNOWN" if failed else "OK")
-        self._metrics.grpc_requests.labels(method, code).inc()
-        self._metrics.grpc_seconds.labels(method).observe(time.perf_counter() - start)
-
-    def _unary(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Any]
-               ) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def timed(request: Any, context: grpc.ServicerContext) -> Any:
-            start = time.perf_counter()
-            failed = True
-            try:
-                result = behavior(request, context)
-                failed = False
-                return result
-            finally:
-                self._observe(method, context, start, failed)
-        return timed
-
-    def _stream(self, method: str, behavior: Callable[[Any, grpc.ServicerContext], Iterable[Any]]
-                ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-        def timed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start = time.perf_counter()
-            failed = True
-            try:
-                yield from behavior(request, context)
-                failed = False
-            finally:
-                self._observe(method, context, start, failed)
-        return timed
 
 
 class TimedLayerFilesystem:

@@ -7,54 +7,37 @@ Everything here speaks systemd's documented wire protocols directly (no libsyste
 - Socket activation: systemd passes listening sockets as fds 3, 4, ... and describes them in
   ``$LISTEN_PID``, ``$LISTEN_FDS`` and ``$LISTEN_FDNAMES``.
 
-grpcio cannot serve on a socket it did not bind: ``add_insecure_port("unix:PATH")`` unlinks
-whatever is at PATH and binds a new socket, which would orphan the one systemd holds and break
-activation on the next restart, and grpcio exposes no "serve this fd" call. So
-:func:`bind_grpc_server` binds gRPC to a private socket (a fresh 0700 directory) and a small
-bridge accepts connections on the inherited listener and splices each one to it. The Snapshots
-API carries small messages, so the extra copy costs little; peer credentials seen by gRPC are the
-daemon's own.
+The gRPC server (:mod:`snapshotter.rpc`) accepts on any trio listener, so an inherited socket is
+served as it is: its path and permissions stay as systemd made them, and a restart never
+replaces it.
 
-How the daemon uses this module (all calls from the main thread, before and after serving)::
+How the daemon uses this module (from the main thread, before and after serving)::
 
     listener = pick_listener(listen_fds_with_names(), args.address)   # None when not activated
-    server = grpc.server(executor)
-    ...add servicers...
-    endpoint = bind_grpc_server(server, args.address, listener=listener)
-    server.start()
-    notify_ready("serving on " + args.address)
+    sock = listen_unix(args.address, listener=listener)              # the inherited one, or bound
+    ... serve sock; notify_ready("serving on " + args.address) ...
     ... run; ping notify_watchdog() every watchdog_interval() / 2 seconds if that is not None ...
     notify_stopping()
-    server.stop(grace).wait()
-    endpoint.close()
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import selectors
 import shutil
 import socket
 import stat
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    import grpc
+from typing import Final
 
 __all__ = [
     "DEFAULT_FD_NAME",
     "ActivatedSocket",
-    "GrpcEndpoint",
-    "bind_grpc_server",
     "listen_fds",
     "listen_fds_with_names",
+    "listen_unix",
     "notify",
     "notify_ready",
     "notify_status",
@@ -72,9 +55,7 @@ DEFAULT_FD_NAME: Final = "lazysnap-grpc"
 """``FileDescriptorName=`` of the gRPC socket in ``systemd/lazysnap.socket``."""
 MAX_LISTEN_FDS: Final = 64
 """More inherited fds than this is a misconfiguration, not something to loop over."""
-MAX_BRIDGED_CONNECTIONS: Final = 256
 """Concurrent client connections the activation bridge serves; more are refused."""
-_COPY_BUFFER: Final = 64 * 1024
 _MAX_NOTIFY_BYTES: Final = 4096
 
 
@@ -272,146 +253,6 @@ def pick_listener(
 # --- gRPC on an inherited socket -------------------------------------------------------------
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    """Copy bytes one way until EOF, then half-close the sink; on error, abort both ways."""
-    buffer = bytearray(_COPY_BUFFER)
-    view = memoryview(buffer)
-    try:
-        while n := source.recv_into(buffer):
-            sink.sendall(view[:n])
-        sink.shutdown(socket.SHUT_WR)
-    except OSError:
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-class _ActivationBridge:
-    """Accepts on an inherited listener and splices each connection to a private unix socket."""
-
-    def __init__(self, listener: socket.socket, target: str) -> None:
-        self._listener = listener
-        self._target = target
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._workers: set[threading.Thread] = set()
-        self._thread = threading.Thread(target=self._accept_loop, name="lazysnap-activation", daemon=True)
-
-    def start(self) -> None:
-        # The listener's file description is shared with systemd, which only polls it, so
-        # non-blocking mode is harmless there and keeps our accept from hanging after a race.
-        self._listener.setblocking(False)
-        self._thread.start()
-
-    def _accept_loop(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ)
-            selector.register(self._wake_reader, selectors.EVENT_READ)
-            while True:
-                ready = {key.fileobj for key, _ in selector.select()}
-                if self._wake_reader in ready:
-                    return
-                try:
-                    client, _ = self._listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    log.warning("accept on the activated socket failed: %s", exc)
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        time.sleep(0.1)  # out of fds or memory: back off instead of spinning
-                    continue
-                self._spawn(client)
-
-    def _spawn(self, client: socket.socket) -> None:
-        client.setblocking(True)
-        with self._lock:
-            if len(self._workers) >= MAX_BRIDGED_CONNECTIONS:
-                log.warning("refusing connection: %d connections already open", len(self._workers))
-                client.close()
-                return
-            worker = threading.Thread(target=self._serve, args=(client,), name="lazysnap-bridge", daemon=True)
-            self._connections.add(client)
-            self._workers.add(worker)
-        worker.start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with self._lock:
-            self._connections.add(upstream)
-        try:
-            upstream.connect(self._target)
-            back = threading.Thread(target=_pump, args=(upstream, client), name="lazysnap-bridge")
-            back.daemon = True
-            back.start()
-            _pump(client, upstream)
-            back.join()
-        except OSError as exc:
-            log.warning("cannot reach the gRPC server at %s: %s", self._target, exc)
-        finally:
-            with self._lock:
-                self._connections.difference_update((client, upstream))
-                self._workers.discard(threading.current_thread())
-            client.close()
-            upstream.close()
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting, abort open connections, wait for the threads and close the listener."""
-        with contextlib.suppress(OSError):
-            self._wake_writer.send(b"x")
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        with self._lock:
-            connections = list(self._connections)
-            workers = list(self._workers)
-        for sock in connections:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for worker in workers:
-            worker.join(timeout)
-        self._listener.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
-
-    def open_connections(self) -> int:
-        with self._lock:
-            return len(self._workers)
-
-
-class GrpcEndpoint:
-    """Where :func:`bind_grpc_server` bound a gRPC server; ``close()`` it after ``server.stop()``.
-
-    Attributes:
-        address: the public socket path containerd connects to.
-        activated: True when serving a socket inherited from systemd, through the bridge.
-    """
-
-    def __init__(
-        self, address: str, bridge: _ActivationBridge | None = None, private_dir: str | None = None
-    ) -> None:
-        self.address = address
-        self.activated = bridge is not None
-        self._bridge = bridge
-        self._private_dir = private_dir
-
-    def close(self) -> None:
-        """Release the bridge and the private socket. Idempotent; call after the server stopped.
-
-        A self-bound socket file is left in place for the next start to replace, because a
-        socket systemd holds must never be unlinked and both look the same from here.
-        """
-        if self._bridge is not None:
-            self._bridge.close()
-            self._bridge = None
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
-            self._private_dir = None
-
-    def open_connections(self) -> int:
-        """Client connections the bridge relays right now (0 when not socket-activated)."""
-        return self._bridge.open_connections() if self._bridge is not None else 0
-
-
 def _prepare_socket_dir(address: str) -> None:
     parent = os.path.dirname(address) or "."
     os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -419,44 +260,35 @@ def _prepare_socket_dir(address: str) -> None:
         raise FileExistsError(errno.EEXIST, "refusing to replace a non-socket file", address)
 
 
-def bind_grpc_server(
-    server: grpc.Server, address: str, *, listener: socket.socket | None = None, mode: int = 0o660
-) -> GrpcEndpoint:
-    """Make ``server`` (not yet started) serve the unix socket ``address``.
+def listen_unix(address: str, *, listener: socket.socket | None = None, mode: int = 0o660,
+                backlog: int = 128) -> socket.socket:
+    """The listening unix socket to serve ``address`` on.
 
-    With ``listener`` (from :func:`pick_listener`), gRPC binds a private socket in a fresh 0700
-    directory and a bridge thread relays connections accepted on the inherited listener; the
-    listener's path and permissions stay as systemd made them. Without it, gRPC binds
-    ``address`` itself with ``mode`` (replacing a stale socket file, never another kind of
-    file; the caller checks no live server owns it). Call from the thread that builds the server.
+    With ``listener`` (from :func:`pick_listener`), that socket as it is: its path and
+    permissions stay as systemd made them. Without it, a new socket bound to ``address`` with
+    ``mode`` (replacing a stale socket file, never another kind of file; the caller checks no
+    live server owns it).
 
     Raises:
         OSError: the socket could not be bound (missing directory rights, path too long, a
             non-socket file in the way).
     """
-    if listener is None:
-        _prepare_socket_dir(address)
-        # Bind inside a fresh 0700 directory, set the mode, then rename into place: nobody can
-        # connect before the mode is right, and no process-wide umask change races other threads.
-        staging = tempfile.mkdtemp(prefix=".lazysnap-bind-", dir=os.path.dirname(address) or ".")
-        try:
-            staged = os.path.join(staging, "s")
-            if server.add_insecure_port("unix:" + staged) == 0:
-                raise OSError(errno.EADDRNOTAVAIL, "gRPC could not bind the unix socket", address)
-            os.chmod(staged, mode)
-            os.replace(staged, address)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return GrpcEndpoint(address)
-    private_dir = tempfile.mkdtemp(prefix="lazysnap-grpc-")
-    target = os.path.join(private_dir, "grpc.sock")
+    if listener is not None:
+        return listener
+    _prepare_socket_dir(address)
+    # Bind inside a fresh 0700 directory, set the mode, then rename into place: nobody can
+    # connect before the mode is right, and no process-wide umask change races other threads.
+    staging = tempfile.mkdtemp(prefix=".lazysnap-bind-", dir=os.path.dirname(address) or ".")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if server.add_insecure_port("unix:" + target) == 0:
-            raise OSError(errno.EADDRNOTAVAIL, "gRPC could not bind its private socket", target)
-        bridge = _ActivationBridge(listener, target)
-        bridge.start()
+        staged = os.path.join(staging, "s")
+        sock.bind(staged)
+        os.chmod(staged, mode)
+        sock.listen(backlog)
+        os.replace(staged, address)
     except BaseException:
-        shutil.rmtree(private_dir, ignore_errors=True)
+        sock.close()
         raise
-    log.info("serving gRPC on the socket-activated %s through %s", address, target)
-    return GrpcEndpoint(address, bridge, private_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sock

@@ -1,9 +1,9 @@
-"""A tiny gRPC server wired the way lazysnapd uses ``snapshotter.systemd``, run by the tests.
+"""A tiny gRPC server wired the way lazysnapd uses ``snapshotter.systemd`` and ``snapshotter.rpc``.
 
 Usage: ``python activated_echo.py ADDRESS``. It takes a socket-activated listener when systemd
 (or a test playing systemd) passed one, else binds ADDRESS itself; serves
-``/lazysnap.test.Echo/Ping``, which answers ``pong <pid> <activated> <request>``; sends READY=1;
-stops cleanly on SIGTERM (STOPPING=1, exit 0).
+``/lazysnap.test.Echo/Ping``, which answers ``pong <pid> <activated> <request>`` (raw bytes, no
+protobuf); sends READY=1; stops cleanly on SIGTERM (STOPPING=1, exit 0).
 """
 
 from __future__ import annotations
@@ -11,36 +11,34 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
-from concurrent import futures
 
-import grpc
+import trio
 
-from snapshotter import systemd
+from snapshotter import rpc, systemd
 
 
 def main(address: str) -> int:
     listener = systemd.pick_listener(systemd.listen_fds_with_names(), address)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    endpoint: systemd.GrpcEndpoint | None = None
+    activated = "activated" if listener is not None else "bound"
 
-    def ping(request: bytes, context: grpc.ServicerContext) -> bytes:
-        activated = "activated" if endpoint is not None and endpoint.activated else "bound"
+    def ping(request: bytes, context: rpc.Context) -> bytes:
         return f"pong {os.getpid()} {activated} ".encode() + request
 
-    handler = grpc.method_handlers_generic_handler(
-        "lazysnap.test.Echo", {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
-    )
-    server.add_generic_rpc_handlers((handler,))
-    endpoint = systemd.bind_grpc_server(server, address, listener=listener)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server.start()
-    systemd.notify_ready(f"serving on {address}")
-    stop.wait()
-    systemd.notify_stopping()
-    server.stop(grace=2).wait()
-    endpoint.close()
+    echo = rpc.Method("Ping", bytes, ping, encode=bytes)
+    server = rpc.Server({"/lazysnap.test.Echo/Ping": echo}, max_workers=4)
+
+    async def serve() -> None:
+        sock = systemd.listen_unix(address, listener=listener)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            systemd.notify_ready(f"serving on {address}")
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            systemd.notify_stopping()
+            await server.aclose(grace=2)
+
+    trio.run(serve)
     return 0
 
 

@@ -182,7 +182,7 @@ def test_inherited_socket_survives_a_restart(
         assert stop_process(second) == 0
 
 
-def test_concurrent_connections_and_large_messages_through_the_bridge(
+def test_concurrent_connections_and_large_messages_on_the_inherited_socket(
     listener: socket.socket, notify_receiver: NotifyReceiver
 ) -> None:
     address = listener.getsockname()
@@ -190,7 +190,7 @@ def test_concurrent_connections_and_large_messages_through_the_bridge(
     errors: list[BaseException] = []
 
     def client(i: int) -> None:
-        # Each thread has its own channel, so its own connection through the bridge.
+        # Each thread has its own channel, so its own connection to the inherited socket.
         try:
             with grpc.insecure_channel("unix:" + address) as channel:
                 echo = channel.unary_unary("/lazysnap.test.Echo/Ping")
