@@ -5,9 +5,9 @@
 Threading: trio runs the main thread from the start, and the gRPC server (:mod:`snapshotter.rpc`)
 on it; each call's servicer method runs in a worker thread and blocks there (sqlite, directory
 walks, mount syscalls), reaching the trio loop with ``trio.from_thread.run`` only for
-layer-filesystem calls. Components that
-live on the loop (the fusefs FUSE session) are entered as async context managers on one exit stack
-inside the daemon's nursery, so they stop in reverse order after the gRPC server has stopped.
+layer-filesystem calls. Components that live on the loop (the fusefs FUSE session) are entered as
+async context managers on one exit stack inside the daemon's nursery, so they stop in reverse
+order after the gRPC server has stopped.
 
 Lazy layers: with ``[fuse] enable`` (the default) :func:`open_lazy_layers` serves remote snapshots
 through fusefs (a :class:`~fusefs.manager.LayerManager` reading blobs through a
