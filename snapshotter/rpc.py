@@ -22,6 +22,7 @@ UNAVAILABLE and gives the calls in flight ``grace`` seconds to answer.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Context", "Method", "RpcError", "Server", "StatusCode", "service_methods"]
 
 _READ_BYTES = 64 << 10
+_ACCEPT_CAPACITY_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+_ACCEPT_RETRY = 0.1  # seconds
 _PREFIX = 5  # compressed flag, then the message length (big-endian u32)
 
 
@@ -151,7 +154,16 @@ class Server:
                     task_status.started()
                     async with listener:
                         while True:
-                            stream = await listener.accept()
+                            try:
+                                stream = await listener.accept()
+                            except OSError as exc:
+                                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                                    raise
+                                # out of descriptors or memory for now: the clients connected
+                                # still need serving, and a closed one frees what this wants
+                                log.error("gRPC server cannot accept a connection (%s); retrying", exc)
+                                await trio.sleep(_ACCEPT_RETRY)
+                                continue
                             nursery.start_soon(self._serve_connection, stream)
 
     async def aclose(self, grace: float) -> None:
@@ -331,8 +343,8 @@ class _Connection:
             code, details, frames = await self._server._invoke(call)
             if not call.reset:
                 await self._respond(stream_id, code, details, frames)
-        except (h2.exceptions.StreamClosedError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # reset by the client, or its connection gone, while we answered
+        except (h2.exceptions.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the stream reset by the client, or its connection gone, while we answered
         finally:
             self._calls.pop(stream_id, None)
             self._server._ended()

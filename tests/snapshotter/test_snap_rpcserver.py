@@ -7,6 +7,7 @@ end-to-end tests, which go through the daemon.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -28,7 +29,7 @@ class Running:
 
     address: str
     server: rpc.Server
-    token: trio.lowlevel.TrioToken
+    token: trio.lowlevel.TrioToken | None
     observed: list[tuple[str, rpc.StatusCode]] = field(default_factory=list)
 
     def call(self, method: str, payload: bytes = b"", timeout: float = 30.0) -> bytes:
@@ -44,6 +45,7 @@ class Running:
             return list(channel.unary_stream(method)(payload, timeout=30))
 
     def close(self, grace: float) -> None:
+        assert self.token is not None
         trio.from_thread.run(self.server.aclose, grace, trio_token=self.token)
 
 
@@ -218,3 +220,42 @@ def test_every_call_is_observed_with_its_status(running: Running) -> None:
     with pytest.raises(grpc.RpcError):
         running.call("/test.Svc/Nope")  # no method: nothing to observe
     assert running.observed == [("Echo", rpc.StatusCode.OK), ("Fail", rpc.StatusCode.NOT_FOUND)]
+
+
+class _OnceOutOfDescriptors(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose first accept fails as under EMFILE, then accepts as ``inner`` does."""
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self.inner = inner
+        self.failed = False
+
+    async def accept(self) -> trio.abc.Stream:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await self.inner.accept()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_running_out_of_descriptors_does_not_stop_the_server(tmp_path: Path) -> None:
+    address = str(tmp_path / "rpc.sock")
+    echo = rpc.Method("Echo", bytes, lambda request, context: b"echo:" + request, encode=bytes)
+    server = rpc.Server({"/test.Svc/Echo": echo})
+    answers: list[bytes] = []
+
+    async def main() -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(address)
+        sock.listen(4)
+        listener = _OnceOutOfDescriptors(trio.SocketListener(sock))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listener)
+            client = Running(address, server, None)
+            answers.append(await trio.to_thread.run_sync(client.call, "/test.Svc/Echo", b"x"))
+            assert listener.failed
+            await server.aclose(grace=1)
+
+    trio.run(main)
+    assert answers == [b"echo:x"]
