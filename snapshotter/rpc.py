@@ -214,7 +214,7 @@ class Server:
             request = method.decode(bytes(body[_PREFIX:]))
         except (DecodeError, ValueError) as exc:
             return StatusCode.INTERNAL, f"the request does not decode: {exc}", []
-        del call.body
+        call.body = bytearray()  # decoded: the bytes are not needed while the handler runs
         return await trio.to_thread.run_sync(self._run_handler, method, request, limiter=self._workers)
 
     def _run_handler(self, method: Method, request: Any) -> tuple[StatusCode, str, list[bytes]]:
