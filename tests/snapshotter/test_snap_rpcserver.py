@@ -17,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
+from google.protobuf import wrappers_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from snapshotter import rpc
 
@@ -98,6 +104,9 @@ def running(tmp_path: Path, handlers: Handlers) -> Iterator[Running]:
                                         streaming=name == "Chunks", encode=bytes)
         for name in ("Echo", "Fail", "Crash", "Chunks", "Slow")
     }
+    # a protobuf request, as the Snapshots methods have: its bytes may not decode
+    methods["/test.Svc/Proto"] = rpc.Method("Proto", wrappers_pb2.StringValue.FromString,
+                                            lambda request, context: request)
     address = str(tmp_path / "rpc.sock")
     observed: list[tuple[str, rpc.StatusCode]] = []
     server = rpc.Server(methods, max_message_bytes=1 << 20, max_workers=2,
@@ -129,6 +138,14 @@ def running(tmp_path: Path, handlers: Handlers) -> Iterator[Running]:
 def test_a_unary_call(running: Running) -> None:
     assert running.call("/test.Svc/Echo", b"hi") == b"echo:hi"
     assert running.call("/test.Svc/Echo", b"") == b"echo:"
+    request = wrappers_pb2.StringValue(value="h\u00e9").SerializeToString()
+    assert running.call("/test.Svc/Proto", request) == request
+
+
+def test_a_request_that_does_not_decode_is_internal(running: Running) -> None:
+    with pytest.raises(grpc.RpcError) as excinfo:
+        running.call("/test.Svc/Proto", b"\x0a\x05ab")  # a string field running past the end
+    assert _code(excinfo)[0] == grpc.StatusCode.INTERNAL
 
 
 def test_an_abort_is_the_client_s_status_with_its_message(running: Running) -> None:
@@ -259,3 +276,50 @@ def test_running_out_of_descriptors_does_not_stop_the_server(tmp_path: Path) -> 
 
     trio.run(main)
     assert answers == [b"echo:x"]
+
+
+def _raw_call(address: str, headers: list[tuple[str, str]], body: bytes) -> dict[str, str]:
+    """One request sent with h2's client, any headers and body; the response's headers and
+    trailers merged (raises if the server breaks the connection instead of answering)."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(address)
+        conn.initiate_connection()
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(stream_id, [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                                      *headers])
+        conn.send_data(stream_id, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        answer: dict[str, str] = {}
+        while True:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection without answering"
+            for event in conn.receive_data(data):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    answer.update((str(k), str(v)) for k, v in event.headers)
+                if isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if isinstance(event, h2.events.StreamEnded):
+                    return answer
+            sock.sendall(conn.data_to_send())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(path=st.sampled_from(["/test.Svc/Echo", "/test.Svc/Proto", "/test.Svc/Chunks", "/test.Svc/Nope", "/",
+                              "x"]),
+       content_type=st.sampled_from(["application/grpc", "application/grpc+proto", "text/plain"]),
+       encoding=st.sampled_from([None, "identity", "gzip"]),
+       body=st.one_of(st.binary(max_size=64),
+                      st.binary(max_size=40).map(lambda m: b"\x00" + len(m).to_bytes(4, "big") + m),
+                      st.tuples(st.integers(0, 1), st.integers(0, 1 << 32 - 1), st.binary(max_size=20)).map(
+                          lambda t: bytes([t[0]]) + t[1].to_bytes(4, "big") + t[2])))
+def test_fuzz_any_request_gets_a_status_and_the_server_serves_on(
+        running: Running, path: str, content_type: str, encoding: str | None, body: bytes) -> None:
+    headers = [(":path", path), ("content-type", content_type), ("te", "trailers")]
+    if encoding is not None:
+        headers.append(("grpc-encoding", encoding))
+    answer = _raw_call(running.address, headers, body)
+    assert answer[":status"] == "200"
+    assert int(answer["grpc-status"]) in {c.value for c in rpc.StatusCode}
+    assert running.call("/test.Svc/Echo", b"still") == b"echo:still"
