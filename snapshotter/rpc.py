@@ -46,6 +46,7 @@ __all__ = ["Context", "Method", "RpcError", "Server", "StatusCode", "service_met
 _READ_BYTES = 64 << 10
 _ACCEPT_CAPACITY_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 _ACCEPT_RETRY = 0.1  # seconds
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)  # what a vanished client raises
 _PREFIX = 5  # compressed flag, then the message length (big-endian u32)
 
 
@@ -236,7 +237,7 @@ def _disconnected(exc: BaseException) -> bool:
     """Whether ``exc`` only says the client went away."""
     if isinstance(exc, BaseExceptionGroup):
         return all(_disconnected(e) for e in exc.exceptions)
-    return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError))
+    return isinstance(exc, _GONE)
 
 
 def _frame(message: bytes) -> bytes:
@@ -271,7 +272,7 @@ class _Connection:
             while open_:
                 try:
                     data = await self._stream.receive_some(_READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except _GONE:
                     break  # the client went away: its calls have nobody to answer to
                 if not data:
                     break
@@ -285,7 +286,7 @@ class _Connection:
                     open_ = self._on_event(event, calls) and open_
                 try:
                     await self._flush()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except _GONE:
                     break
             calls.cancel_scope.cancel()
 
@@ -343,7 +344,7 @@ class _Connection:
             code, details, frames = await self._server._invoke(call)
             if not call.reset:
                 await self._respond(stream_id, code, details, frames)
-        except (h2.exceptions.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (h2.exceptions.ProtocolError, *_GONE):
             pass  # the stream reset by the client, or its connection gone, while we answered
         finally:
             self._calls.pop(stream_id, None)
