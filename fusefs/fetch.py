@@ -906,17 +906,18 @@ class ChunkFetcher:
                 first_error = first_error or error
 
         ranges = [(start, end - start) for start, end, _ in batch]
+        error: LayerError | None = None
         try:
             with self._request(ranges, background):
                 await stream_ranges(self.source, ranges, sink)
         except SourceError as exc:
             self._source_failures += 1
-            error: LayerError = exc
-        else:
-            error = SourceError(f"blob {self.layer_digest}: the source ended before all of "
-                                f"{len(ranges)} ranges arrived")
+            error = exc
         for run in runs:
             for cid in run.pending:
+                if error is None:  # the source returned without handing all the bytes over
+                    error = SourceError(f"blob {self.layer_digest}: the source ended before all of "
+                                        f"{len(ranges)} ranges arrived")
                 flight = flights.pop(cid)
                 self._fail(cid, flight, error)
                 self._land(cid, flight)
