@@ -329,8 +329,7 @@ class RegistrySource:
         """Return the bytes of each ``(offset, length)`` range, exactly ``length`` bytes each."""
         if not ranges:
             return []
-        validate_ranges(ranges, self._size)
-        spans = coalesce(ranges, self._config.coalesce_gap, self._config.max_request_bytes)
+        spans = self._spans(ranges)
         step = self._config.max_ranges_per_request
         batches = [spans[i:i + step] for i in range(0, len(spans), step)]
         if len(batches) == 1:
@@ -346,14 +345,18 @@ class RegistrySource:
             result.append(data)
         return result
 
+    def _spans(self, ranges: Sequence[tuple[int, int]]) -> list[Span]:
+        """The spans one request each would carry for ``ranges``, checked against the blob."""
+        validate_ranges(ranges, self._size)
+        return coalesce(ranges, self._config.coalesce_gap, self._config.max_request_bytes)
+
     async def stream_ranges(self, ranges: Sequence[tuple[int, int]], sink: PieceSink) -> None:
         """As ``fusefs.sources.base.stream_ranges``: ranges that coalesce into one span are one
         request whose body goes to ``sink`` as it arrives (retries start the span again); more
         spans than one are read as ``read_ranges`` reads them and handed over afterwards."""
         if not ranges:
             return
-        validate_ranges(ranges, self._size)
-        spans = coalesce(ranges, self._config.coalesce_gap, self._config.max_request_bytes)
+        spans = self._spans(ranges)
         if len(spans) > 1:
             await hand_over_whole(self, ranges, sink)
             return
