@@ -26,7 +26,7 @@ from google.protobuf import wrappers_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapshotter import rpc
+from snapshotter import rpc, systemd
 
 
 @dataclass
@@ -53,6 +53,11 @@ class Running:
     def close(self, grace: float) -> None:
         assert self.token is not None
         trio.from_thread.run(self.server.aclose, grace, trio_token=self.token)
+
+
+def _listener(address: str) -> trio.SocketListener:
+    """A listener on ``address``, bound as the daemon binds its own."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(systemd.listen_unix(address)))
 
 
 def _code(excinfo: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str]:
@@ -115,12 +120,9 @@ def running(tmp_path: Path, handlers: Handlers) -> Iterator[Running]:
     box: dict[str, Any] = {}
 
     async def main() -> None:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(address)
-        sock.listen(16)
         box["token"] = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, trio.SocketListener(sock))
+            await nursery.start(server.serve, _listener(address))
             started.set()
 
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
@@ -263,10 +265,7 @@ def test_running_out_of_descriptors_does_not_stop_the_server(tmp_path: Path) -> 
     answers: list[bytes] = []
 
     async def main() -> None:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(address)
-        sock.listen(4)
-        listener = _OnceOutOfDescriptors(trio.SocketListener(sock))
+        listener = _OnceOutOfDescriptors(_listener(address))
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listener)
             client = Running(address, server, None)
