@@ -35,10 +35,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+# The HTTP/2 library under the gRPC server logs every frame and header at debug: a dozen lines
+# per call that bury the daemon's own debug records.
+_CHATTY = ("hpack", "h2")
+
+
 def setup(level: str) -> None:
-    """Send every logger's records at ``level`` or above to stderr as JSON lines."""
+    """Send every logger's records at ``level`` or above to stderr as JSON lines (the HTTP/2
+    library's at info or above)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(max(root.level, logging.INFO))
