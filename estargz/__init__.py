@@ -7,6 +7,8 @@ a local file) and hand the bytes to pure functions::
     footer = parse_footer(tail, size)                 # FooterError, kind EXTERNAL_TOC
     toc = parse_toc(blob[footer.toc_offset:footer.toc_end], footer)   # TOCError, NeedsExternalTOC
     verify_toc(toc, annotation_digest)                # TOCDigestMismatch: never skip this
+    toc_digests(blob[footer.toc_offset:footer.toc_end], footer)   # what verify_toc accepts,
+                                                      # before paying for parse_toc
     for chunk in toc.chunks(toc.lookup("bin/sh")):
         data = decode_chunk(blob[chunk.compressed_offset:chunk.compressed_end], codec=toc.codec,
                             inner_offset=chunk.inner_offset, size=chunk.size,
@@ -68,6 +70,7 @@ from ._footer import parse_footer as parse_footer
 from ._parse import DEFAULT_MAX_TOC_SIZE as DEFAULT_MAX_TOC_SIZE
 from ._parse import parse_toc as parse_toc
 from ._parse import parse_toc_json as parse_toc_json
+from ._parse import toc_digests as toc_digests
 from ._parse import verify_toc as verify_toc
 from ._reader import BlobFile as BlobFile
 from ._reader import BlobReader as BlobReader
@@ -121,5 +124,6 @@ __all__ = [
     "parse_footer",
     "parse_toc",
     "parse_toc_json",
+    "toc_digests",
     "verify_toc",
 ]

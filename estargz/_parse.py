@@ -23,7 +23,7 @@ from ._index import (
 from ._toc import TOC
 from .errors import NeedsExternalTOC, TOCDigestMismatch, TOCError
 
-__all__ = ["DEFAULT_MAX_TOC_SIZE", "TOC_TAR_NAME", "parse_toc", "parse_toc_json", "verify_toc"]
+__all__ = ["DEFAULT_MAX_TOC_SIZE", "TOC_TAR_NAME", "parse_toc", "parse_toc_json", "toc_digests", "verify_toc"]
 
 DEFAULT_MAX_TOC_SIZE = 256 << 20
 TOC_TAR_NAME = "stargz.index.json"
@@ -50,19 +50,7 @@ def parse_toc(
         TOCError: truncated or corrupt TOC, over ``max_uncompressed`` bytes of JSON, more than
             ``max_entries`` entries, a chunk over ``max_chunk_size``, or an entry that lies.
     """
-    if footer.kind is FooterKind.EXTERNAL_TOC:
-        raise NeedsExternalTOC("the blob's TOC is stored in a separate TOC image (STARGZEXTERNALTOC)")
-    expected_len = footer.toc_end - footer.toc_offset
-    if len(data) != expected_len:
-        raise TOCError(f"TOC data is {len(data)} bytes but the footer says {expected_len}")
-    manifest_checksum = None
-    if footer.kind.is_zstd:
-        raw = _unzstd_toc_pieces(data, footer, max_uncompressed)
-        manifest_checksum = "sha256:" + hashlib.sha256(data).hexdigest()
-        codec = Codec.ZSTD
-    else:
-        raw = _gunzip_toc_pieces(data, max_uncompressed)
-        codec = Codec.GZIP
+    raw, codec, manifest_checksum = _toc_json_pieces(data, footer, max_uncompressed)
     # The JSON is decompressed, hashed, decoded and walked piece by piece: neither its bytes nor
     # its text exist whole (they were ~2/5 of the peak memory of indexing).
     hasher = hashlib.sha256()
@@ -86,6 +74,39 @@ def parse_toc(
     toc.manifest_checksum = manifest_checksum
     toc.json_size = json_size
     return toc
+
+
+def toc_digests(data: bytes, footer: Footer, *, max_uncompressed: int = DEFAULT_MAX_TOC_SIZE
+                ) -> tuple[str, ...]:
+    """The digests :func:`verify_toc` accepts for this TOC, without indexing it.
+
+    ``data`` is as for :func:`parse_toc`. Decompresses and hashes the JSON piece by piece (a few
+    hundredths of a second per MB of JSON, in C): a caller can check the TOC against the image
+    manifest before paying for :func:`parse_toc`. A TOC that matches may still fail to parse.
+
+    Raises:
+        NeedsExternalTOC, TOCError: as :func:`parse_toc`, for the footer and the compression.
+    """
+    raw, _, manifest_checksum = _toc_json_pieces(data, footer, max_uncompressed)
+    hasher = hashlib.sha256()
+    for piece in raw:
+        hasher.update(piece)
+    digest = "sha256:" + hasher.hexdigest()
+    return (digest, manifest_checksum) if manifest_checksum else (digest,)
+
+
+def _toc_json_pieces(data: bytes, footer: Footer, limit: int
+                     ) -> tuple[Iterator[bytes], Codec, str | None]:
+    """The TOC JSON in pieces, the chunks' codec and, for zstd:chunked, the manifest checksum."""
+    if footer.kind is FooterKind.EXTERNAL_TOC:
+        raise NeedsExternalTOC("the blob's TOC is stored in a separate TOC image (STARGZEXTERNALTOC)")
+    expected_len = footer.toc_end - footer.toc_offset
+    if len(data) != expected_len:
+        raise TOCError(f"TOC data is {len(data)} bytes but the footer says {expected_len}")
+    if footer.kind.is_zstd:
+        return (_unzstd_toc_pieces(data, footer, limit), Codec.ZSTD,
+                "sha256:" + hashlib.sha256(data).hexdigest())
+    return _gunzip_toc_pieces(data, limit), Codec.GZIP, None
 
 
 def parse_toc_json(

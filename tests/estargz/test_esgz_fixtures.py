@@ -63,6 +63,25 @@ def test_toc_digest_and_annotations(layer: FixtureLayer) -> None:
     assert len(plain) == int(ann["io.containers.estargz.uncompressed-size"])
 
 
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: f"{layer.image}-{layer.index}")
+def test_toc_digests_without_parsing(layer: FixtureLayer) -> None:
+    """What a mount checks before it indexes the TOC: upstream's annotations, as parse_toc has them."""
+    blob = layer.blob.read_bytes()
+    footer = estargz.parse_footer(blob[-estargz.MAX_FOOTER_SIZE:], len(blob))
+    data = blob[footer.toc_offset:footer.toc_end]
+    toc = estargz.parse_toc(data, footer)
+    digests = estargz.toc_digests(data, footer)
+    assert digests == (toc.digest, *((toc.manifest_checksum,) if toc.manifest_checksum else ()))
+    ann = layer.annotations
+    assert digests[0] == ann["containerd.io/snapshot/stargz/toc.digest"]
+    if layer.image.startswith("zstd"):
+        assert digests[1] == ann["io.containers.zstd-chunked.manifest-checksum"]
+    with pytest.raises(estargz.TOCError):
+        estargz.toc_digests(data[:-1], footer)
+    with pytest.raises(estargz.TOCError):
+        estargz.toc_digests(data, footer, max_uncompressed=toc.json_size - 1)
+
+
 def test_landmarks() -> None:
     by_name = {(layer.image, layer.index): _reader(layer) for layer in LAYERS}
     default = by_name[("esgz-default", 0)].toc
