@@ -965,6 +965,11 @@ class LayerIndex:
         return total
 
 
+def digest_accepted(expected: str, accepted: Iterable[str]) -> bool:
+    """Whether ``expected`` (from the image manifest) is one of the ``accepted`` TOC digests."""
+    return any(hmac.compare_digest(expected.encode(), d.encode()) for d in accepted)
+
+
 class UnverifiedIndex:
     """A freshly read index whose TOC digest has not been checked yet: not mountable."""
 
@@ -979,7 +984,7 @@ class UnverifiedIndex:
         Raises:
             IntegrityError: the digests differ (the snapshotter then falls back to a full pull).
         """
-        if not any(hmac.compare_digest(expected.encode(), d.encode()) for d in self._accepted):
+        if not digest_accepted(expected, self._accepted):
             raise IntegrityError(f"TOC digest {self.toc_digest} does not match expected {expected}")
         return self._index
 

@@ -5,7 +5,8 @@ API (satisfies the snapshotter's ``LayerFilesystem`` Protocol structurally)::
     async with open_layer_manager(config, source_factory) as manager: ...   # for the daemon
     manager = await LayerManager.create(config: FusefsConfig, nursery, source_factory)
     await manager.mount(spec: LayerSpec, mountpoint: str)   # bind-mounts the layer tree
-    await manager.check(mountpoint)                         # LayerError if no longer served
+    await manager.start_mount(spec, mountpoint)             # the same, returns once the TOC verifies
+    await manager.check(mountpoint, wait=True)              # LayerError if not served
     await manager.unmount(mountpoint)                       # the layer stays cached
     await manager.forget_layer(digest)                      # released for good: drop its cache
     await manager.aclose()                                  # unmount everything, stop FUSE
@@ -24,7 +25,12 @@ the blob, verifies it against ``spec.toc_digest`` (no digest: refused unless
 layer again without a registry round trip. It raises ``LayerError`` (``UnsupportedFormat``,
 ``IntegrityError``, ``FormatError``, ``SourceError``) for anything that prevents serving the
 layer lazily — the snapshotter then falls back to a normal pull — and leaves ``mountpoint``
-untouched in that case. Mounting the same digest at several mountpoints shares one tree.
+untouched in that case. ``start_mount`` returns as soon as the reader has the TOC's digests
+and they match (before the index is built, the slow part of a large layer): the rest of the
+mount runs in the background, ``check`` and ``unmount`` wait for it, and a failure after that
+point is reported by ``check`` (and the digest is not mounted lazily again by this process, as
+the same bytes would fail the same way). Mounting the same digest at several mountpoints shares
+one tree.
 ``spec.neighbours`` are resolved in the background: their indexes are fetched and persisted so
 their own mounts need no round trip.
 """
@@ -37,7 +43,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -52,7 +58,7 @@ from fusefs.config import FusefsConfig
 from fusefs.errors import FormatError, IntegrityError, LayerError, UnsupportedFormat
 from fusefs.fetch import ChunkFetcher, FetchStatistics, PriorityGate
 from fusefs.formats import READERS
-from fusefs.index import LayerIndex, UnverifiedIndex
+from fusefs.index import LayerIndex, UnverifiedIndex, digest_accepted
 from fusefs.layers import ROOT_INODE, LayerTable, MountedLayer
 from fusefs.ops import LayerOperations
 from fusefs.prefetch import run as run_prefetch
@@ -99,6 +105,35 @@ class _Resolution:
     size: int | None = None
     fresh: bool = False  # read from the source by this process, not from the persisted copy
     expires: float = math.inf
+    # the digests the index will accept, known once its TOC is read (before it is built)
+    toc_digests: tuple[str, ...] | None = None
+    _toc_listeners: list[Callable[[tuple[str, ...]], None]] = field(default_factory=list)
+
+    def toc_read(self, digests: tuple[str, ...]) -> None:
+        """The reader's ``on_toc``: tell whoever waits for the TOC's digests."""
+        self.toc_digests = digests
+        listeners, self._toc_listeners = self._toc_listeners, []
+        for listener in listeners:
+            listener(digests)
+
+    def when_toc_read(self, listener: Callable[[tuple[str, ...]], None]) -> None:
+        """Call ``listener`` with the TOC's digests when they are known (now, if they are)."""
+        if self.toc_digests is not None:
+            listener(self.toc_digests)
+        else:
+            self._toc_listeners.append(listener)
+
+
+@dataclass(eq=False)
+class _PendingMount:
+    """A ``start_mount`` whose layer was accepted (its TOC verified) or is about to be, while
+    its index is built and its tree bound. Kept after a failure, for ``check`` to report."""
+
+    digest: str
+    accepted: trio.Event = field(default_factory=trio.Event)  # also set when the mount ends
+    done: trio.Event = field(default_factory=trio.Event)
+    error: LayerError | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @dataclass(frozen=True)
@@ -139,6 +174,8 @@ class LayerManager:
         self._gate = PriorityGate(config.prefetch.background_silence)
         self._ops = LayerOperations(self._table, config.fuse)
         self._mounts: dict[str, MountedLayer] = {}
+        self._pending: dict[str, _PendingMount] = {}
+        self._refused: dict[str, str] = {}  # digest → why it failed to index after being accepted
         self._prefetch_scopes: dict[str, trio.CancelScope] = {}
         self._specs: dict[str, LayerSpec] = {}
         self._background_done: set[str] = set()
@@ -264,8 +301,60 @@ class LayerManager:
     async def mount(self, spec: LayerSpec, mountpoint: str) -> None:
         """Serve ``spec``'s layer and bind-mount its tree onto ``mountpoint`` (see module doc)."""
         mountpoint = os.path.abspath(mountpoint)
-        if mountpoint in self._mounts:
+        self._refuse_taken(mountpoint)
+        await self._mount(spec, mountpoint, None)
+
+    async def start_mount(self, spec: LayerSpec, mountpoint: str) -> None:
+        """``mount``, returning as soon as the layer's TOC is read and matches ``spec.toc_digest``.
+
+        The index is built and the tree bound in the background: ``check`` and ``unmount`` of
+        ``mountpoint`` wait for that, and ``check`` raises if it failed (a TOC that matches its
+        digest but does not index). A failure known before this returns is raised here, as by
+        ``mount``; so is any failure of a layer with no TOC digest to check early.
+        """
+        mountpoint = os.path.abspath(mountpoint)
+        self._refuse_taken(mountpoint)
+        pending = _PendingMount(spec.digest)
+        self._pending[mountpoint] = pending
+        self._nursery.start_soon(self._finish_mount, spec, mountpoint, pending)
+        await pending.accepted.wait()
+        if pending.error is not None:  # known before we answer: let the snapshotter fall back
+            if self._pending.get(mountpoint) is pending:
+                del self._pending[mountpoint]
+            raise pending.error
+
+    async def _finish_mount(self, spec: LayerSpec, mountpoint: str, pending: _PendingMount) -> None:
+        try:
+            with pending.scope:
+                await self._mount(spec, mountpoint, pending.accepted.set)
+            if pending.scope.cancelled_caught:
+                pending.error = LayerError(f"mounting layer {spec.digest} stopped: lazysnap is stopping")
+        except LayerError as exc:
+            pending.error = exc
+        except Exception as exc:  # a bug: it must not end the session's nursery
+            log.exception("unexpected error mounting layer %s", spec.digest)
+            pending.error = LayerError(f"internal error mounting layer {spec.digest}: {exc!r}")
+        finally:
+            late = pending.accepted.is_set()
+            pending.done.set()
+            pending.accepted.set()
+        if pending.error is None:
+            del self._pending[mountpoint]
+        elif late:
+            log.error("layer %s was accepted (its TOC matches its digest) but cannot be served: %s; "
+                      "snapshots on it answer Unavailable", spec.digest, pending.error)
+            if isinstance(pending.error, (FormatError, UnsupportedFormat)):
+                # the same bytes will fail the same way: the next pull of it is unpacked instead
+                self._refused[spec.digest] = str(pending.error)
+
+    def _refuse_taken(self, mountpoint: str) -> None:
+        if mountpoint in self._mounts or mountpoint in self._pending:
             raise LayerError(f"{mountpoint} already holds a lazysnap layer")
+
+    async def _mount(self, spec: LayerSpec, mountpoint: str, on_accept: Callable[[], None] | None) -> None:
+        refused = self._refused.get(spec.digest)
+        if refused is not None:
+            raise LayerError(f"layer {spec.digest} failed to index before ({refused}): not mounted lazily")
         layer_dirname(spec.digest)  # refuse malformed digests before using them in paths
         if spec.neighbours:
             self._nursery.start_soon(self.resolve_neighbours, spec)
@@ -274,7 +363,7 @@ class LayerManager:
             layer = self._served(spec.digest)
             if layer is None:
                 try:
-                    layer = await self._open_layer(spec)
+                    layer = await self._open_layer(spec, on_accept)
                 except LayerError:
                     raise
                 except Exception as exc:  # a bug: log it loudly, but let the snapshotter fall back
@@ -297,9 +386,21 @@ class LayerManager:
         self._mounts[mountpoint] = layer
         log.info("mounted layer %s (%d nodes) on %s", spec.digest, layer.index.node_count, mountpoint)
 
-    async def check(self, mountpoint: str) -> None:
-        """Raise ``LayerError`` unless the layer is served and its source reachable (throttled)."""
-        layer = self._mounts.get(os.path.abspath(mountpoint))
+    async def check(self, mountpoint: str, *, wait: bool = True) -> None:
+        """Raise ``LayerError`` unless the layer is served and its source reachable (throttled).
+
+        Waits for a ``start_mount`` of ``mountpoint`` to end, and raises if it failed; with
+        ``wait=False`` one still under way passes.
+        """
+        mountpoint = os.path.abspath(mountpoint)
+        pending = self._pending.get(mountpoint)
+        if pending is not None:
+            if not wait and not pending.done.is_set():
+                return
+            await pending.done.wait()
+            if pending.error is not None:
+                raise LayerError(f"layer {pending.digest} cannot be served: {pending.error}")
+        layer = self._mounts.get(mountpoint)
         if layer is None or self._table.by_name(layer.name) is not layer:
             raise LayerError(f"{mountpoint} is not served by lazysnap")
         if self._stopped.is_set():
@@ -317,6 +418,13 @@ class LayerManager:
             LayerError: ``mountpoint`` is not a layer mount of this manager, or unmounting failed.
         """
         mountpoint = os.path.abspath(mountpoint)
+        pending = self._pending.get(mountpoint)
+        if pending is not None:
+            await pending.done.wait()
+            if pending.error is not None:  # never bound: nothing to release
+                if self._pending.get(mountpoint) is pending:
+                    del self._pending[mountpoint]
+                return
         layer = self._mounts.get(mountpoint)
         if layer is None:
             raise LayerError(f"{mountpoint} is not a lazysnap layer mount")
@@ -341,6 +449,9 @@ class LayerManager:
         """Unmount every layer, stop the FUSE session and wait for it to end."""
         global _session_active
         self._closing = True
+        for pending in list(self._pending.values()):  # before the unmounts: none may bind after them
+            pending.scope.cancel()
+            await pending.done.wait()
         for mountpoint in list(self._mounts):
             try:
                 await self.unmount(mountpoint)
@@ -387,18 +498,24 @@ class LayerManager:
             if resolution.done.is_set() and resolution.expires < now:
                 del self._resolutions[digest]
 
-    async def _resolution(self, spec: LayerSpec, *, use_persisted: bool = True) -> _Resolution:
+    async def _resolution(self, spec: LayerSpec, *, use_persisted: bool = True,
+                          on_toc: Callable[[tuple[str, ...]], None] | None = None) -> _Resolution:
         """The layer's unverified index, read once however many callers want it at the same time.
 
         A finished resolution stays in ``_resolutions`` until its layer is mounted (or it
         expires); a failed one is dropped, and its waiters read the index themselves.
+        ``on_toc`` gets the TOC's digests as soon as they are known, before the index is built.
         """
         waited = self._resolutions.get(spec.digest)
         if waited is not None and use_persisted:
+            if on_toc is not None:
+                waited.when_toc_read(on_toc)
             await waited.done.wait()
             if waited.index is not None:
                 return waited
         resolution = _Resolution()
+        if on_toc is not None:
+            resolution.when_toc_read(on_toc)
         self._resolutions[spec.digest] = resolution
         try:
             await self._resolve_into(spec, resolution, use_persisted)
@@ -419,7 +536,7 @@ class LayerManager:
             if persisted is not None:
                 try:
                     recorder = RecordingSource.load(source, persisted)
-                    resolution.index = await self._read_index(recorder)
+                    resolution.index = await self._read_index(recorder, resolution.toc_read)
                     resolution.size = await recorder.size()
                     if recorder.source_reads:
                         await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
@@ -428,7 +545,7 @@ class LayerManager:
                     log.warning("persisted index of %s unusable (%s): reading it from the source",
                                 spec.digest, exc)
             recorder = RecordingSource(source, spec.size)
-            resolution.index = await self._read_index(recorder)
+            resolution.index = await self._read_index(recorder, resolution.toc_read)
             resolution.size = await recorder.size()
             resolution.fresh = True
             await trio.to_thread.run_sync(self.cache.save_index, spec.digest, recorder.dump())
@@ -459,9 +576,10 @@ class LayerManager:
                 return layer
         return None
 
-    async def _open_layer(self, spec: LayerSpec) -> MountedLayer:
+    async def _open_layer(self, spec: LayerSpec, on_accept: Callable[[], None] | None = None
+                          ) -> MountedLayer:
         try:
-            index, resolution = await self._verified_index(spec)
+            index, resolution = await self._verified_index(spec, on_accept)
         finally:
             self._resolutions.pop(spec.digest, None)  # the mounted layer holds the index now
         # the size learnt with the index: the fetcher's source needs no HEAD for it
@@ -496,8 +614,17 @@ class LayerManager:
             await run_prefetch(fetcher, self._config.prefetch, prefetch_size)
             self._background_done.add(fetcher.layer_digest)
 
-    async def _verified_index(self, spec: LayerSpec) -> tuple[LayerIndex, _Resolution]:
-        resolution = await self._resolution(spec)
+    async def _verified_index(self, spec: LayerSpec, on_accept: Callable[[], None] | None = None
+                              ) -> tuple[LayerIndex, _Resolution]:
+        on_toc = None
+        if on_accept is not None and spec.toc_digest:
+            expected = spec.toc_digest
+
+            def on_toc(digests: tuple[str, ...]) -> None:
+                if digest_accepted(expected, digests):
+                    on_accept()
+
+        resolution = await self._resolution(spec, on_toc=on_toc)
         assert resolution.index is not None
         try:
             return self._verify(spec, resolution.index), resolution
@@ -507,17 +634,18 @@ class LayerManager:
             # the persisted copy may be stale or damaged: only the source's bytes decide
             log.warning("persisted index of %s does not verify (%s): reading it from the source",
                         spec.digest, exc)
-        resolution = await self._resolution(spec, use_persisted=False)
+        resolution = await self._resolution(spec, use_persisted=False, on_toc=on_toc)
         assert resolution.index is not None
         return self._verify(spec, resolution.index), resolution
 
-    async def _read_index(self, source: BlobSource) -> UnverifiedIndex:
+    async def _read_index(self, source: BlobSource, on_toc: Callable[[tuple[str, ...]], None]
+                          ) -> UnverifiedIndex:
         for name in self._config.formats:
             reader = READERS.get(name)
             if reader is None:
                 raise UnsupportedFormat(f"unknown format reader {name!r} in config")
             try:
-                return await reader(source, opaque_xattr=self._config.fuse.opaque_xattr)
+                return await reader(source, opaque_xattr=self._config.fuse.opaque_xattr, on_toc=on_toc)
             except UnsupportedFormat:
                 continue
         formats = ", ".join(self._config.formats)

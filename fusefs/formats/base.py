@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from fusefs.index import TRUSTED_OPAQUE_XATTR, UnverifiedIndex
@@ -16,7 +17,11 @@ class FormatReader(Protocol):
     not in their format (so the next reader, or the full-pull fallback, takes over),
     ``FormatError`` when it is but the index is malformed, and ``SourceError`` as the source
     raised it. The result is unverified: its ``toc_digest`` is the digest of the index bytes.
+
+    A reader that can hash the index bytes before indexing them calls ``on_toc`` with the digests
+    the result will accept (``UnverifiedIndex.verify``), as soon as it has them: the caller may
+    then accept the layer while the index is built. Readers that cannot simply never call it.
     """
 
-    async def __call__(self, source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQUE_XATTR
-                       ) -> UnverifiedIndex: ...
+    async def __call__(self, source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQUE_XATTR,
+                       on_toc: Callable[[tuple[str, ...]], None] | None = None) -> UnverifiedIndex: ...

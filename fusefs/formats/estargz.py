@@ -24,6 +24,8 @@ import os
 import stat
 import threading
 from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import compress, repeat
 
 import trio
@@ -60,8 +62,11 @@ _TYPES = {
 _CODECS = {estargz.Codec.GZIP: Codec.GZIP, estargz.Codec.ZSTD: Codec.ZSTD}
 
 
-async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQUE_XATTR) -> UnverifiedIndex:
+async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQUE_XATTR,
+                       on_toc: Callable[[tuple[str, ...]], None] | None = None) -> UnverifiedIndex:
     """Read and index the TOC of an eStargz or zstd:chunked blob (see module docstring).
+
+    ``on_toc`` gets the TOC's digests once its bytes are in, before the index is built.
 
     Raises:
         UnsupportedFormat: not an eStargz/zstd:chunked blob, or a variant served by full pull.
@@ -91,6 +96,8 @@ async def read_estargz(source: BlobSource, *, opaque_xattr: bytes = TRUSTED_OPAQ
     else:
         (toc_bytes,) = await source.read_ranges([(footer.toc_offset, toc_len)])
     del tail
+    if on_toc is not None:
+        on_toc(await trio.to_thread.run_sync(_toc_digests, toc_bytes, footer, source.digest))
     # handed over, not kept here: the parse drops the compressed TOC before the index is packed
     held = [toc_bytes]
     del toc_bytes
@@ -110,16 +117,28 @@ def _index_one_at_a_time(held: list[bytes], footer: estargz.Footer, blob_size: i
             release_free_memory()
 
 
-def _index(held: list[bytes], footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
-           digest: str) -> UnverifiedIndex:
+def _toc_digests(toc_bytes: bytes, footer: estargz.Footer, digest: str) -> tuple[str, ...]:
+    with _toc_errors(digest):
+        return estargz.toc_digests(toc_bytes, footer)
+
+
+@contextmanager
+def _toc_errors(digest: str) -> Iterator[None]:
+    """The format library's TOC errors as the reader's (``UnsupportedFormat``: fall back)."""
     try:
-        toc = estargz.parse_toc(held.pop(), footer)
+        yield
     except estargz.NeedsExternalTOC as exc:
         raise UnsupportedFormat(str(exc)) from exc
     except estargz.UnsupportedFormat as exc:
         raise UnsupportedFormat(f"{digest}: {exc}") from exc
     except estargz.EstargzError as exc:
         raise FormatError(f"{digest}: invalid TOC: {exc}") from exc
+
+
+def _index(held: list[bytes], footer: estargz.Footer, blob_size: int, opaque_xattr: bytes,
+           digest: str) -> UnverifiedIndex:
+    with _toc_errors(digest):
+        toc = estargz.parse_toc(held.pop(), footer)
     if any(toc._chunk_flags):  # in any file of the TOC, in the tree or not
         k = next(k for k, flags in enumerate(toc._chunk_flags) if flags)
         path = toc.path(bisect.bisect_right(toc._chunk_start, k) - 1)

@@ -109,6 +109,20 @@ def make_blob(toc: dict[str, Any] | bytes, prefix: bytes = b"") -> bytes:
     return prefix + toc_member(raw) + estargz_footer(len(prefix))
 
 
+def with_toc_entry(blob: bytes, entry: dict[str, Any]) -> tuple[bytes, str]:
+    """``blob`` (gzip eStargz) with ``entry`` appended to its TOC, and the new TOC's digest: the
+    data area is untouched, so every other entry still points at its chunks."""
+    footer = estargz.parse_footer(blob[-estargz.MAX_FOOTER_SIZE:], len(blob))
+    toc_tar = zlib.decompress(blob[footer.toc_offset:footer.toc_end], 31)
+    with tarfile.open(fileobj=io.BytesIO(toc_tar)) as tar:
+        member = tar.extractfile("stargz.index.json")
+        assert member is not None
+        toc = json.loads(member.read())
+    toc["entries"].append(entry)
+    raw = json.dumps(toc).encode()
+    return make_blob(raw, prefix=blob[:footer.toc_offset]), "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
 def read_blob(blob: bytes, **kwargs: Any) -> estargz.BlobReader:
     def read_at(offset: int, length: int) -> bytes:
         return blob[offset : offset + length]

@@ -90,10 +90,10 @@ class FuseServer:
         result: dict[str, Any] = json.loads(reply)
         return result
 
-    def mount(self, case: Case, mountpoint: Path, **extra: Any) -> dict[str, Any]:
+    def mount(self, case: Case, mountpoint: Path, command: str = "mount", **extra: Any) -> dict[str, Any]:
         mountpoint.mkdir(parents=True, exist_ok=True)
         req = {"digest": case.digest, "toc_digest": case.toc_digest, "mountpoint": str(mountpoint), **extra}
-        return self.cmd("mount " + json.dumps(req))
+        return self.cmd(f"{command} {json.dumps(req)}")
 
     def stats(self, case: Case) -> dict[str, Any]:
         return self.cmd("stats " + case.digest)

@@ -8,7 +8,9 @@ prints ``READY`` and then answers one JSON line per command line read on stdin:
 
     mount <json {"digest", "toc_digest", "mountpoint", "size"?, "neighbours"?}>
                             → {"ok": true, "path": ...} or {"error": <class>, "message": ...}
-    check <mountpoint>
+    start_mount <json>      → as mount, by ``start_mount``: {"ok": true} once the TOC verified
+    hold-builds / release-builds    take and give back the lock index builds run under
+    check <mountpoint>      (check-nowait: ``wait=False``)
     unmount <mountpoint>
     stats <digest>          → source counters, fetch and cache statistics
     quit                    → unmounts everything, stops the session, exits 0
@@ -27,6 +29,7 @@ import trio
 
 from fusefs.config import CacheConfig, FetchConfig, FuseConfig, FusefsConfig, PrefetchConfig
 from fusefs.errors import LayerError
+from fusefs.formats.estargz import _BUILD_LOCK
 from fusefs.manager import LayerManager, open_layer_manager
 from fusefs.sources.base import SourceFactory
 from fusefs.sources.config import RegistryConfig
@@ -88,16 +91,24 @@ async def _run(config: FusefsConfig, source_factory: SourceFactory, factory: _Co
 
 
 async def _command(manager: LayerManager, factory: _CountingFactory, cmd: str, arg: str) -> dict[str, Any]:
-    if cmd == "mount":
+    if cmd in ("mount", "start_mount"):
         req = json.loads(arg)
         spec = LayerSpec(ref=req.get("ref", "test.local/fixture:latest"), digest=req["digest"],
                          size=req.get("size"), toc_digest=req.get("toc_digest"),
                          prefetch_size=req.get("prefetch_size"),
                          neighbours=tuple(req.get("neighbours", ())))
+        if cmd == "start_mount":
+            await manager.start_mount(spec, req["mountpoint"])
+            return {"ok": True}
         await manager.mount(spec, req["mountpoint"])
         return {"ok": True, "path": manager.layer_path(req["digest"])}
-    if cmd == "check":
-        await manager.check(arg)
+    if cmd == "hold-builds":
+        return {"ok": _BUILD_LOCK.acquire(blocking=False)}
+    if cmd == "release-builds":
+        _BUILD_LOCK.release()
+        return {"ok": True}
+    if cmd in ("check", "check-nowait"):
+        await manager.check(arg, wait=cmd == "check")
         return {"ok": True}
     if cmd == "unmount":
         await manager.unmount(arg)

@@ -18,6 +18,7 @@ import trio
 
 from fusefs.formats.estargz import read_estargz
 from fusefs.sources.file import FileSource
+from tests.estargz.esgz_support import with_toc_entry
 from tests.fusefs import contract
 from tests.fusefs.fixtures import FIXTURES, VARIANTS, layer_case
 from tests.fusefs.fuse_client import FuseServer, force_unmount
@@ -204,6 +205,57 @@ def test_unverifiable_layer_is_refused_and_mountpoint_left_clean(work: Path) -> 
         assert server.cmd("mount " + json.dumps(req))["error"] == "LayerError"  # bind mount fails
         assert os.listdir(work / "fuse") == []  # and the layer is not left served
         assert server.mount(case, work / "l1")["ok"]
+    _assert_clean_log(server)
+
+
+def test_started_mount_answers_once_the_toc_verifies(work: Path) -> None:
+    # What a Prepare waits for: the TOC read and checked, not the index built and bound
+    case = layer_case("esgz-default", 1)
+    with FuseServer(work, [FIXTURES / "esgz-default"]) as server:
+        wrong = contract.Case(case.name, case.blob, "sha256:" + "0" * 64, case.expected)
+        assert server.mount(wrong, work / "l1", "start_mount")["error"] == "IntegrityError"
+        assert server.cmd("hold-builds") == {"ok": True}
+        assert server.mount(case, work / "l1", "start_mount") == {"ok": True}
+        assert not os.path.ismount(work / "l1")  # its index cannot have been built yet
+        assert server.mount(case, work / "l1", "start_mount")["error"] == "LayerError"  # taken
+        assert server.cmd(f"check-nowait {work / 'l1'}") == {"ok": True}  # under way: passes
+        assert server.cmd("release-builds") == {"ok": True}
+        assert server.cmd(f"check {work / 'l1'}") == {"ok": True}  # waits for the build and bind
+        rows, inodes = contract.tree_from_fs(str(work / "l1"))
+        contract.assert_tree(rows, inodes, contract.load_tsv(case.expected))
+        assert server.cmd(f"unmount {work / 'l1'}") == {"ok": True}
+        assert not os.path.ismount(work / "l1") and os.listdir(work / "fuse") == []
+    _assert_clean_log(server)
+
+
+def _toc_that_verifies_but_fails_to_index(case: contract.Case, roots: Path) -> contract.Case:
+    """``case``'s blob with one more TOC entry, named ``../escape``: a TOC whose digest is right
+    (it is the digest of this JSON) but which no index may be built from."""
+    bad, toc_digest = with_toc_entry(case.blob.read_bytes(), {"name": "../escape", "type": "reg", "size": 0})
+    target = roots / "blobs" / "sha256" / hashlib.sha256(bad).hexdigest()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(bad)
+    return contract.Case("escape", target, toc_digest, case.expected)
+
+
+def test_started_mount_whose_toc_fails_to_index(work: Path) -> None:
+    # accepted, then the build fails: snapshots on it must say why, and the next pull unpack it
+    bad = _toc_that_verifies_but_fails_to_index(layer_case("esgz-default", 1), work / "roots")
+    with FuseServer(work, [work / "roots"]) as server:
+        assert server.cmd("hold-builds") == {"ok": True}
+        assert server.mount(bad, work / "l1", "start_mount") == {"ok": True}
+        assert server.cmd("release-builds") == {"ok": True}
+        reply = server.cmd(f"check {work / 'l1'}")
+        assert reply["error"] == "LayerError"
+        assert "cannot be served" in reply["message"] and "../escape" in reply["message"]
+        assert not os.path.ismount(work / "l1") and os.listdir(work / "l1") == []
+        assert server.cmd(f"check-nowait {work / 'l1'}")["error"] == "LayerError"  # ended, failed
+        assert server.cmd(f"unmount {work / 'l1'}") == {"ok": True}  # nothing was bound
+        assert server.cmd(f"check {work / 'l1'}")["error"] == "LayerError"
+        reply = server.mount(bad, work / "l1", "start_mount")
+        assert reply["error"] == "LayerError" and "failed to index before" in reply["message"]
+        assert os.listdir(work / "fuse") == []
+    assert "was accepted (its TOC matches its digest) but cannot be served" in server.log_text()
     _assert_clean_log(server)
 
 
