@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from contextlib import asynccontextmanager
 
 import trio
@@ -59,7 +59,7 @@ class Metrics:
                                       "Snapshots API call latency by method", ["method"],
                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.mount_seconds = Histogram(f"{PREFIX}_layer_mount_duration_seconds",
-                                       "Time to mount a layer lazily, by result (ok, error)",
+                                       "Time a Prepare waits to mount a layer lazily, by result (ok, error)",
                                        ["result"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.unmounts = Counter(f"{PREFIX}_layer_unmounts", "Layer unmounts by result", ["result"],
                                 registry=self.registry)
@@ -89,16 +89,23 @@ class TimedLayerFilesystem:
         self._metrics = metrics
 
     async def mount(self, spec: LayerSpec, mountpoint: str) -> None:
+        await self._timed(self._inner.mount(spec, mountpoint))
+
+    async def start_mount(self, spec: LayerSpec, mountpoint: str) -> None:
+        """Timed up to its return: what a Prepare waits for."""
+        await self._timed(self._inner.start_mount(spec, mountpoint))
+
+    async def _timed(self, mounting: Awaitable[None]) -> None:
         start = time.perf_counter()
         result = "error"
         try:
-            await self._inner.mount(spec, mountpoint)
+            await mounting
             result = "ok"
         finally:
             self._metrics.mount_seconds.labels(result).observe(time.perf_counter() - start)
 
-    async def check(self, mountpoint: str) -> None:
-        await self._inner.check(mountpoint)
+    async def check(self, mountpoint: str, *, wait: bool = True) -> None:
+        await self._inner.check(mountpoint, wait=wait)
 
     async def unmount(self, mountpoint: str) -> None:
         result = "error"

@@ -24,13 +24,19 @@ class LayerFilesystem(Protocol):
     """Mounts layers lazily. All methods run on the trio loop.
 
     Contract: ``mount`` either leaves ``mountpoint`` serving the layer's files read-only or raises
-    and leaves ``mountpoint`` as it found it (an empty directory). ``check`` raises if the layer is
-    no longer served (source gone, FUSE session dead). ``unmount`` releases the layer and leaves
-    ``mountpoint`` an ordinary empty directory; it raises if it cannot.
+    and leaves ``mountpoint`` as it found it (an empty directory). ``start_mount`` is ``mount``
+    that may return once the layer is known to be servable (its TOC matches the manifest's
+    digest) and finish in the background; ``check`` waits for that end (``wait=False``: passes
+    while it is under way). ``check`` raises if the layer is not served (source gone, FUSE
+    session dead, or a started mount that failed).
+    ``unmount`` releases the layer and leaves ``mountpoint`` an ordinary empty directory; it
+    raises if it cannot.
     """
 
     async def mount(self, spec: LayerSpec, mountpoint: str) -> None: ...
 
-    async def check(self, mountpoint: str) -> None: ...
+    async def start_mount(self, spec: LayerSpec, mountpoint: str) -> None: ...
+
+    async def check(self, mountpoint: str, *, wait: bool = True) -> None: ...
 
     async def unmount(self, mountpoint: str) -> None: ...

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Protocol, TypeVar, runtime_checkable
 
 import trio
@@ -103,14 +104,14 @@ class Snapshots:
         rec, chain = self._create_record(kind, key, parent, labels_)
         return compose(self.layout, self.overlay, kind, rec.id, [r.id for r in chain])
 
-    def _check_parent(self, parent: str) -> None:
+    def _check_parent(self, parent: str, *, wait: bool = True) -> None:
         """Unavailable if a remote layer in ``parent``'s chain is not served (checked before creating)."""
         if not parent or self.layerfs is None:
             return
         with self.store.read() as tx:
             prec = tx.find(parent)
             chain = [prec, *self._chain(tx, prec)] if prec is not None else []
-        self._check_remote_chain(chain)
+        self._check_remote_chain(chain, wait=wait)
 
     def _create_record(self, kind: Kind, key: str, parent: str,
                        labels_: dict[str, str]) -> tuple[Record, list[Record]]:
@@ -169,13 +170,14 @@ class Snapshots:
             existing = tx.find(target)
         if existing is not None and existing.kind == Kind.COMMITTED:
             raise AlreadyExists(f"target snapshot {target!r} already exists")
-        self._check_parent(parent)
+        # the layers below may still be mounting: only what runs on this one needs them served
+        self._check_parent(parent, wait=False)
         rec, chain = self._create_record(Kind.ACTIVE, key, parent, labels_)
         spec = replace(spec, lower=_lower_layers(chain))
         mountpoint = self.layout.fs(rec.id)
         assert self.layerfs is not None
         try:
-            self._on_loop(self.layerfs.mount, spec, mountpoint)
+            self._on_loop(self.layerfs.start_mount, spec, mountpoint)
         except Exception as exc:
             log.info("remote mount failed; falling back to a normal unpack",
                      extra={"key": key, "digest": spec.digest, REMOTE_PREPARED_LOG_KEY: False,
@@ -204,13 +206,15 @@ class Snapshots:
                                                      REMOTE_PREPARED_LOG_KEY: True})
         raise AlreadyExists(f"target snapshot {target!r}")
 
-    def _check_remote_chain(self, chain: Sequence[Record]) -> None:
+    def _check_remote_chain(self, chain: Sequence[Record], *, wait: bool = True) -> None:
+        """Unavailable unless every remote layer of ``chain`` is served; waits for the ones still
+        mounting (``start_mount``) unless ``wait`` is False."""
         if self.layerfs is None:
             return
         for rec in chain:
             if is_remote(rec):
                 try:
-                    self._on_loop(self.layerfs.check, self.layout.fs(rec.id))
+                    self._on_loop(partial(self.layerfs.check, self.layout.fs(rec.id), wait=wait))
                 except Exception as exc:
                     raise Unavailable(f"remote layer {rec.key!r} is not available: {exc}") from exc
 

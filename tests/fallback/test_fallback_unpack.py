@@ -9,18 +9,21 @@ container sees exactly the image's tree.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 
+from tests.estargz.esgz_support import with_toc_entry
 from tests.harness import BuiltImage, Containerd, EstargzImage, Lazysnapd, Registry
 from tests.harness.daemonlog import REMOTE_PREPARED, daemon_log_mark, fallbacks, remote_prepared
 from tests.harness.esgzlayout import toc_extent
-from tests.harness.estargz import TOC_DIGEST_ANNOTATION
+from tests.harness.estargz import TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.flows import check_committed_chain, remove_image_and_gc, run_and_compare_tree
-from tests.harness.manifests import push_manifest_variant
+from tests.harness.manifests import push_layer_variant, push_manifest_variant
 from tests.harness.mountinfo import mounts_with_types
 
 pytestmark = pytest.mark.e2e
@@ -66,6 +69,40 @@ def test_wrong_toc_digest_annotation_falls_back(
     assert bad[REMOTE_PREPARED] is False and lying in bad.get("reason", ""), bad
     assert [outcomes[d][REMOTE_PREPARED] for d in esgz.layer_digests] == [True, False, True]
     assert _fuse_backed_snapshots(lazysnapd) == 2
+    run_and_compare_tree(ctd, img, "lazysnap", ref=ref)
+    remove_image_and_gc(ctd, img, "lazysnap", ref=ref)
+
+
+def test_toc_that_matches_its_digest_but_does_not_index(
+        lazysnapd: Lazysnapd, make_containerd: Callable[..., Containerd], ranged_registry: Registry,
+        estargz_image: tuple[BuiltImage, EstargzImage]) -> None:
+    """Prepare answers once a layer's TOC matches the manifest's digest, and the index is built
+    after. A TOC that matches but may not be indexed (an entry named ``../escape``, in the top
+    layer) is caught then: the container's Prepare fails with the reason, and the image pulled
+    again has that layer unpacked and runs."""
+    img, esgz = estargz_image
+    host, top = ranged_registry.host, len(esgz.layer_digests) - 1
+    blob = httpx.get(f"http://{host}/v2/{img.name}/blobs/{esgz.layer_digests[top]}", timeout=30).content
+    bad, toc_digest = with_toc_entry(blob, {"name": "../escape", "type": "reg", "size": 0})
+    annotations = {TOC_DIGEST_ANNOTATION: toc_digest,
+                   UNCOMPRESSED_SIZE_ANNOTATION: str(len(gzip.decompress(bad)))}
+    ref = push_layer_variant(host, img.name, esgz.manifest, "esgz-escape", top, bad, annotations)
+    ctd = make_containerd(proxy_socket=lazysnapd.address, registries=[host])
+    mark = daemon_log_mark(lazysnapd.log_path)
+    _rpull(ctd, ref)
+    outcomes = remote_prepared(lazysnapd.log_path, since=mark)
+    assert [r[REMOTE_PREPARED] for r in outcomes] == [True] * (top + 1), outcomes
+    failed = ctd.ctr("run", "--rm", "--snapshotter", "lazysnap", ref, "escape-1", "true", check=False)
+    assert failed.returncode != 0
+    assert "cannot be served" in failed.stderr and "'../escape'" in failed.stderr, failed.stderr
+    ctd.ctr("image", "rm", "--sync", ref)
+    assert ctd.snapshots("lazysnap") == []
+
+    mark = daemon_log_mark(lazysnapd.log_path)
+    _rpull(ctd, ref)
+    outcomes = remote_prepared(lazysnapd.log_path, since=mark)
+    assert [r[REMOTE_PREPARED] for r in outcomes] == [True] * top + [False], outcomes
+    assert "failed to index before" in outcomes[top]["reason"]
     run_and_compare_tree(ctd, img, "lazysnap", ref=ref)
     remove_image_and_gc(ctd, img, "lazysnap", ref=ref)
 

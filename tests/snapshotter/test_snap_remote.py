@@ -46,7 +46,9 @@ class BindLayerFilesystem:
         await trio.to_thread.run_sync(syscalls.bind_mount, str(src), mountpoint, True)
         self.mounted[mountpoint] = spec.digest
 
-    async def check(self, mountpoint: str) -> None:
+    start_mount = mount  # ends before it returns, as the contract allows
+
+    async def check(self, mountpoint: str, *, wait: bool = True) -> None:
         digest = self.mounted.get(mountpoint)
         if digest is None or digest in self.broken:
             raise ConnectionError(f"layer at {mountpoint} is not served")
