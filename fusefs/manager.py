@@ -310,7 +310,8 @@ class LayerManager:
         The index is built and the tree bound in the background: ``check`` and ``unmount`` of
         ``mountpoint`` wait for that, and ``check`` raises if it failed (a TOC that matches its
         digest but does not index). A failure known before this returns is raised here, as by
-        ``mount``; so is any failure of a layer with no TOC digest to check early.
+        ``mount``. A layer with no TOC digest to check (``allow_unverified_toc``) is mounted in
+        full before this returns.
         """
         mountpoint = os.path.abspath(mountpoint)
         self._refuse_taken(mountpoint)

@@ -10,6 +10,8 @@ prints ``READY`` and then answers one JSON line per command line read on stdin:
                             → {"ok": true, "path": ...} or {"error": <class>, "message": ...}
     start_mount <json>      → as mount, by ``start_mount``: {"ok": true} once the TOC verified
     hold-builds / release-builds    take and give back the lock index builds run under
+    later <command>         → {"ok": true} at once; the command runs in the background and its
+                              reply is logged as ``later <cmd>: <json>``
     check <mountpoint>      (check-nowait: ``wait=False``)
     unmount <mountpoint>
     stats <digest>          → source counters, fetch and cache statistics
@@ -75,7 +77,7 @@ async def _serve(cfg: dict[str, Any]) -> None:
 
 
 async def _run(config: FusefsConfig, source_factory: SourceFactory, factory: _CountingFactory) -> None:
-    async with open_layer_manager(config, source_factory) as manager:
+    async with open_layer_manager(config, source_factory) as manager, trio.open_nursery() as later:
         print("READY", flush=True)
         stdin = trio.wrap_file(sys.stdin)
         while True:
@@ -83,11 +85,24 @@ async def _run(config: FusefsConfig, source_factory: SourceFactory, factory: _Co
             if not line or line == "quit":
                 break
             cmd, _, arg = line.partition(" ")
-            try:
-                reply = await _command(manager, factory, cmd, arg)
-            except LayerError as exc:
-                reply = {"error": type(exc).__name__, "message": str(exc)}
-            print(json.dumps(reply), flush=True)
+            if cmd == "later":  # run the command in the background; its reply goes to the log
+                later.start_soon(_reply_later, manager, factory, arg)
+                print(json.dumps({"ok": True}), flush=True)
+                continue
+            print(json.dumps(await _reply(manager, factory, cmd, arg)), flush=True)
+
+
+async def _reply(manager: LayerManager, factory: _CountingFactory, cmd: str, arg: str) -> dict[str, Any]:
+    try:
+        return await _command(manager, factory, cmd, arg)
+    except LayerError as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+
+
+async def _reply_later(manager: LayerManager, factory: _CountingFactory, line: str) -> None:
+    cmd, _, arg = line.partition(" ")
+    reply = await _reply(manager, factory, cmd, arg)
+    logging.getLogger("fuse_server").info("later %s: %s", cmd, json.dumps(reply))
 
 
 async def _command(manager: LayerManager, factory: _CountingFactory, cmd: str, arg: str) -> dict[str, Any]:

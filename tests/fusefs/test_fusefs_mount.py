@@ -228,6 +228,25 @@ def test_started_mount_answers_once_the_toc_verifies(work: Path) -> None:
     _assert_clean_log(server)
 
 
+def test_unmount_waits_for_a_started_mount(work: Path) -> None:
+    # a Remove while the index is still being built: nothing may be bound after the unmount
+    case = layer_case("esgz-default", 1)
+    with FuseServer(work, [FIXTURES / "esgz-default"]) as server:
+        assert server.cmd("hold-builds") == {"ok": True}
+        assert server.mount(case, work / "l1", "start_mount") == {"ok": True}
+        assert server.cmd(f"later unmount {work / 'l1'}") == {"ok": True}
+        time.sleep(0.2)
+        assert "later unmount" not in server.log_text()  # waiting for the build
+        assert server.cmd("release-builds") == {"ok": True}
+        deadline = time.monotonic() + 20
+        while "later unmount" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 'later unmount: {"ok": true}' in server.log_text()
+        assert not os.path.ismount(work / "l1") and os.listdir(work / "fuse") == []
+        assert server.cmd(f"check {work / 'l1'}")["error"] == "LayerError"
+    _assert_clean_log(server)
+
+
 def _toc_that_verifies_but_fails_to_index(case: contract.Case, roots: Path) -> contract.Case:
     """``case``'s blob with one more TOC entry, named ``../escape``: a TOC whose digest is right
     (it is the digest of this JSON) but which no index may be built from."""
