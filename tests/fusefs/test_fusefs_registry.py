@@ -7,32 +7,19 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.fusefs import contract
 from tests.fusefs.fixtures import layer_case
 from tests.fusefs.fuse_client import FuseServer, force_unmount
 from tests.harness.fixtures import registry
+from tests.harness.manifests import push_blob
 from tests.harness.registry import Registry
 
 pytestmark = [pytest.mark.root]
 __all__ = ["registry"]  # the session registry fixture, re-exported for pytest
 
 REPO = "lazysnap-fusefs/fixture"
-
-
-def _push_blob(reg: Registry, blob: Path) -> None:
-    """Monolithic upload (POST then PUT with the digest) of one blob into ``REPO``."""
-    base = f"http://{reg.direct_host}/v2/{REPO}/blobs"
-    with httpx.Client(timeout=30, headers=reg.auth_header()) as client:
-        start = client.post(f"{base}/uploads/")
-        assert start.status_code == 202, start.text
-        location = httpx.URL(f"http://{reg.direct_host}").join(start.headers["Location"])
-        location = location.copy_merge_params({"digest": "sha256:" + blob.name})
-        done = client.put(location, content=blob.read_bytes(),
-                          headers={"Content-Type": "application/octet-stream"})
-        assert done.status_code == 201, done.text
 
 
 @pytest.fixture
@@ -45,7 +32,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_layers_from_a_real_registry(registry: Registry, work: Path) -> None:
     layer0, layer1 = layer_case("esgz-default", 0), layer_case("esgz-default", 1)
     for case in (layer0, layer1):
-        _push_blob(registry, case.blob)
+        push_blob(registry.direct_host, REPO, case.blob.read_bytes(), registry.auth_header())
     mark = registry.log_mark()
     ref = f"{registry.host}/{REPO}:latest"
     with FuseServer(work, [], registry_hosts=[registry.host]) as server:

@@ -1,11 +1,14 @@
-"""Push hand-made variants of an image manifest (e.g. a lying layer annotation) to a registry.
+"""Push blobs and hand-made variants of an image manifest (e.g. a lying layer annotation) to a
+registry.
 
+    digest = push_blob(host, repo, data)                 # monolithic upload
     ref = push_manifest_variant(host, name, manifest, "badtoc",
                                 layer_annotations={1: {TOC_DIGEST_ANNOTATION: "sha256:00…"}})
 
-The blobs stay the ones the original manifest references (they are already in the repository);
-only the manifest JSON changes, so the new tag names an image with identical content whose
-annotations a snapshotter must not trust blindly.
+``push_manifest_variant`` keeps the blobs the original manifest references (they are already in
+the repository); only the manifest JSON changes, so the new tag names an image with identical
+content whose annotations a snapshotter must not trust blindly. ``push_layer_variant`` replaces
+one layer's blob, and the config's diff id with it.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import copy
 import gzip
 import hashlib
 import json
+import ssl
 from collections.abc import Mapping
 
 import httpx
 
 from .procs import HarnessError
 
-__all__ = ["push_layer_variant", "push_manifest_variant"]
+__all__ = ["push_blob", "push_layer_variant", "push_manifest_variant"]
 
 _OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -50,16 +54,21 @@ def push_manifest_variant(host: str, name: str, manifest: Mapping[str, object], 
     return f"{host}/{name}:{tag}", digest
 
 
-def _push_blob(host: str, name: str, data: bytes) -> str:
+def push_blob(host: str, repo: str, data: bytes, headers: Mapping[str, str] | None = None,
+              scheme: str = "http", verify: ssl.SSLContext | bool = True) -> str:
+    """Monolithic upload of ``data`` into ``repo`` (POST, then PUT with the digest); returns the
+    digest. HarnessError unless the registry answers 202 then 201."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    started = httpx.post(f"http://{host}/v2/{name}/blobs/uploads/", timeout=10)
-    if started.status_code != 202:
-        raise HarnessError(f"start upload to {name}: {started.status_code} {started.text[:300]}")
-    location = httpx.URL(f"http://{host}").join(started.headers["Location"])
-    done = httpx.put(location.copy_merge_params({"digest": digest}), content=data,
-                     headers={"Content-Type": "application/octet-stream"}, timeout=30)
-    if done.status_code != 201:
-        raise HarnessError(f"upload {digest} to {name}: {done.status_code} {done.text[:300]}")
+    base = f"{scheme}://{host}"
+    with httpx.Client(base_url=base, headers=dict(headers or {}), timeout=30, verify=verify) as client:
+        started = client.post(f"/v2/{repo}/blobs/uploads/")
+        if started.status_code != 202:
+            raise HarnessError(f"start upload to {repo}: {started.status_code} {started.text[:300]}")
+        location = httpx.URL(base).join(started.headers["Location"])
+        done = client.put(location.copy_merge_params({"digest": digest}), content=data,
+                          headers={"Content-Type": "application/octet-stream"})
+        if done.status_code != 201:
+            raise HarnessError(f"upload {digest} to {repo}: {done.status_code} {done.text[:300]}")
     return digest
 
 
@@ -78,9 +87,9 @@ def push_layer_variant(host: str, name: str, manifest: Mapping[str, object], tag
     config = got.json()
     config["rootfs"]["diff_ids"][index] = "sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest()
     config_bytes = json.dumps(config, separators=(",", ":")).encode()
-    config_desc.update(digest=_push_blob(host, name, config_bytes), size=len(config_bytes))
+    config_desc.update(digest=push_blob(host, name, config_bytes), size=len(config_bytes))
     layer = layers[index]
-    layer.update(digest=_push_blob(host, name, blob), size=len(blob))
+    layer.update(digest=push_blob(host, name, blob), size=len(blob))
     doc["layers"] = layers
     ref, _ = push_manifest_variant(host, name, doc, tag, {index: annotations})
     return ref

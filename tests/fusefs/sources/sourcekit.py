@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import ssl
 import subprocess
 import threading
 import time
@@ -35,6 +34,7 @@ from fusefs.sources.config import RegistryConfig
 from fusefs.sources.registry import RegistrySourceFactory
 from tests.harness import Registry
 from tests.harness.faultproxy import FaultProxy
+from tests.harness.manifests import push_blob
 from tests.harness.procs import Daemon, HarnessError, free_port, wait_until
 
 T = TypeVar("T")
@@ -56,21 +56,6 @@ def blob_bytes(size: int, seed: int) -> bytes:
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def push_blob(host: str, repo: str, data: bytes, headers: dict[str, str] | None = None,
-              scheme: str = "http", verify: ssl.SSLContext | bool = True) -> str:
-    """Monolithic upload (POST then PUT ?digest=); returns the digest."""
-    digest = digest_of(data)
-    with httpx.Client(base_url=f"{scheme}://{host}", headers=headers or {}, timeout=30, verify=verify) as c:
-        r = c.post(f"/v2/{repo}/blobs/uploads/")
-        assert r.status_code == 202, r.text
-        location = r.headers["location"]
-        sep = "&" if "?" in location else "?"
-        r = c.put(f"{location}{sep}digest={digest}", content=data,
-                  headers={"Content-Type": "application/octet-stream"})
-        assert r.status_code == 201, r.text
-    return digest
 
 
 def config_for(tmp: Path, **kw: Any) -> RegistryConfig:

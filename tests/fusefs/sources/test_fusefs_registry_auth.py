@@ -18,7 +18,6 @@ from sourcekit import (
     blob_bytes,
     helper_script,
     open_factory,
-    push_blob,
     run,
     write_docker_config,
 )
@@ -28,6 +27,7 @@ from fusefs.sources.registry import RegistrySourceFactory
 from fusefs.spec import LayerSpec
 from tests.harness import Registry
 from tests.harness.faultproxy import FaultProxy
+from tests.harness.manifests import push_blob
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from sourcekit import REPO, SMALL, Blobs, blob_bytes, config_for, open_factory, push_blob, run, start_registry
+from sourcekit import REPO, SMALL, Blobs, blob_bytes, config_for, open_factory, run, start_registry
 
 from fusefs.errors import SourceError
 from fusefs.sources.hosts import load_endpoints
 from fusefs.sources.registry import RegistrySourceFactory
 from fusefs.spec import LayerSpec
 from tests.harness.faultproxy import FaultProxy
+from tests.harness.manifests import push_blob
 
 RANGES = [(0, 10), (100000, 5000)]
 
